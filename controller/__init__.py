@@ -1,0 +1,1 @@
+"""Goldilocks: context-aware microsegmentation for Open vSwitch hypervisors."""

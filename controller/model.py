@@ -1,0 +1,205 @@
+"""The identity model: immutable values describing hypervisors, VMs, vNICs and their context.
+
+Every attribute that policy can select on is a `Fact` carrying its provenance and the time it
+was observed, so that explanations can say *who* claimed it and the trust rule can tell
+hypervisor-verified facts from what a guest merely reported.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Mapping
+
+
+class Provenance(str, Enum):
+    PLATFORM = "platform"  # inventory, OVSDB: verified by the hypervisor
+    GUEST = "guest"  # the in-guest agent: the guest's administrator could lie
+    AUTHORITATIVE = "authoritative"  # identity provider, EDR, through the API
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Attr(str, Enum):
+    """Attributes a selector can test. Multi-valued ones hold one Fact per value."""
+
+    NAME = "name"
+    HYPERVISOR = "hypervisor"
+    TAG = "tag"  # key = tag name
+    OS = "os"
+    USER = "user"  # logged-in user names
+    USERGROUP = "usergroup"  # directory groups of logged-in users
+    APP = "app"  # running apps; key = app name, value = "tcp/5432,udp/53" style port list
+    LABEL = "label"  # data-classification labels
+    POSTURE = "posture"  # key = check name, value = "pass" | "fail"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Attributes that only the hypervisor can assert. Tags are set through inventory.
+PLATFORM_ATTRS: frozenset[Attr] = frozenset({Attr.NAME, Attr.HYPERVISOR, Attr.TAG})
+
+
+@dataclass(frozen=True, order=True)
+class Fact:
+    """One observed attribute value of a VM."""
+
+    attr: Attr
+    key: str  # tag name, app name, posture check; "" for unkeyed attributes
+    value: str
+    provenance: Provenance
+    observed_at: float = 0.0  # seconds since the epoch; the core never reads a clock
+
+    def describe(self) -> str:
+        name = f"{self.attr}.{self.key}" if self.key else str(self.attr)
+        return f"{name}={self.value} ({self.provenance}, observed {self.observed_at:g})"
+
+
+@dataclass(frozen=True, order=True)
+class Port:
+    """A transport service: protocol plus an inclusive port range (0-0 for icmp/any)."""
+
+    protocol: str  # "tcp" | "udp" | "icmp" | "any"
+    low: int = 0
+    high: int = 0
+
+    def __str__(self) -> str:
+        if self.protocol in ("icmp", "any"):
+            return self.protocol
+        if self.low == self.high:
+            return f"{self.protocol}/{self.low}"
+        return f"{self.protocol}/{self.low}-{self.high}"
+
+    def covers(self, protocol: str, port: int) -> bool:
+        if self.protocol == "any":
+            return True
+        if self.protocol != protocol:
+            return False
+        if protocol == "icmp":
+            return True
+        return self.low <= port <= self.high
+
+
+@dataclass(frozen=True, order=True)
+class VNic:
+    mac: str  # lower-case, colon separated
+    ips: tuple[str, ...]  # IPv4 addresses, dotted quad
+    ofport: int | None  # OpenFlow port on its hypervisor's bridge; None = not bound yet
+    name: str = ""  # interface name, for humans
+
+
+@dataclass(frozen=True)
+class Hypervisor:
+    name: str
+    uplink_ofport: int | None = None  # port towards the other hypervisors (fabric)
+    dpid: int | None = None
+
+
+@dataclass(frozen=True)
+class VM:
+    uuid: str
+    name: str
+    hypervisor: str
+    vnics: tuple[VNic, ...] = ()
+    facts: frozenset[Fact] = frozenset()  # everything but name/hypervisor (those are fields)
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        return tuple(ip for nic in self.vnics for ip in nic.ips)
+
+    def all_facts(self) -> frozenset[Fact]:
+        """Facts including the platform attributes held as fields."""
+        return self.facts | {
+            Fact(Attr.NAME, "", self.name, Provenance.PLATFORM),
+            Fact(Attr.HYPERVISOR, "", self.hypervisor, Provenance.PLATFORM),
+        }
+
+    def values(self, attr: Attr, key: str = "") -> tuple[Fact, ...]:
+        return tuple(sorted(f for f in self.all_facts() if f.attr == attr and f.key == key))
+
+    def app_ports(self, app: str) -> tuple[Port, ...]:
+        """Ports `app` listens on here, from the APP facts (value "tcp/5432,udp/53")."""
+        ports: set[Port] = set()
+        for f in self.values(Attr.APP, app):
+            ports.update(parse_port_list(f.value))
+        return tuple(sorted(ports))
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """The fabric's router: where traffic for external CIDRs leaves, reached over the uplink."""
+
+    ip: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Where everything is. An immutable snapshot; the engine builds new ones."""
+
+    hypervisors: Mapping[str, Hypervisor] = field(default_factory=dict)
+    vms: Mapping[str, VM] = field(default_factory=dict)  # by uuid
+    gateway: Gateway | None = None
+
+    def vms_on(self, hypervisor: str) -> tuple[VM, ...]:
+        return tuple(vm for vm in self.vms.values() if vm.hypervisor == hypervisor)
+
+    def vm_by_name(self, name: str) -> VM | None:
+        return next((vm for vm in self.vms.values() if vm.name == name), None)
+
+    def vm_by_ip(self, ip: str) -> VM | None:
+        return next((vm for vm in self.vms.values() if ip in vm.ips), None)
+
+
+def normalize_mac(mac: str) -> str:
+    parts = mac.strip().lower().replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+        raise ValueError(f"not a MAC address: {mac!r}")
+    return ":".join(parts)
+
+
+def normalize_ipv4(ip: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(ip.strip()))
+    except (ipaddress.AddressValueError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not an IPv4 address: {ip!r}") from exc
+
+
+PROTOCOLS = ("tcp", "udp", "icmp", "any")
+
+
+def parse_port(text: str) -> Port:
+    """Parse "tcp/5432", "udp/1000-2000", "icmp", "any". Raises ValueError naming the fault."""
+    text = str(text).strip().lower()
+    proto, _, ports = text.partition("/")
+    if proto not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {proto!r} (use one of {', '.join(PROTOCOLS)})")
+    if proto in ("icmp", "any"):
+        if ports:
+            raise ValueError(f"{proto} takes no port, got {text!r}")
+        return Port(proto)
+    if not ports:
+        raise ValueError(f"{proto} needs a port or range, e.g. {proto}/443 or {proto}/8000-8080")
+    low_s, _, high_s = ports.partition("-")
+    try:
+        low = int(low_s)
+        high = int(high_s) if high_s else low
+    except ValueError:
+        raise ValueError(f"port {ports!r} is not a number or range") from None
+    for p in (low, high):
+        if not 1 <= p <= 65535:
+            raise ValueError(f"port {p} out of range (1-65535)")
+    if low > high:
+        raise ValueError(f"port range {low}-{high} is reversed")
+    return Port(proto, low, high)
+
+
+def parse_port_list(text: str) -> tuple[Port, ...]:
+    return tuple(parse_port(p) for p in text.split(",") if p.strip())
+
+
+def format_port_list(ports: Iterable[Port]) -> str:
+    return ",".join(str(p) for p in sorted(set(ports)))
