@@ -1,0 +1,265 @@
+"""The engine: the single writer. `handle(event)` updates identity, groups and the per-bridge
+desired flows incrementally and returns the commands that bring each bridge there.
+
+Incremental must equal full: after any event, `desired(hv)` is exactly what
+`compile_bridge(self.world(), hv)` computes from scratch (tests/property holds this).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+from controller.commands import Command, ProgramBridge
+from controller.events import (
+    ContextReported, DirectoryChanged, Event, GatewayChanged, HypervisorUpserted, PolicyChanged,
+    VmRemoved, VmUpserted,
+)
+from controller.flows.compile import (
+    Flows, PartKey, World, address_part, bridge_parts, gateway_part, port_part, rule_part,
+)
+from controller.flows.reconcile import FlowOp, diff, plan
+from controller.flows.types import FlowSpec
+from controller.identity.graph import Directory, effective_vm
+from controller.identity.groups import GroupDef, GroupIndex
+from controller.model import VM, Gateway, Hypervisor, Inventory, Provenance
+from controller.policy.schema import AnyEndpoint, AppService, GroupEndpoint, Policy, Rule
+
+
+@dataclass
+class BridgeFlows:
+    """Desired flows of one bridge, held as parts with a reference count per flow."""
+
+    parts: dict[PartKey, Flows] = field(default_factory=dict)
+    count: Counter[FlowSpec] = field(default_factory=Counter)
+
+    def replace(self, key: PartKey, flows: Flows) -> tuple[set[FlowSpec], set[FlowSpec]]:
+        """Swap one part; return (flows that appeared, flows that disappeared)."""
+        old = self.parts.pop(key, frozenset())
+        if flows:
+            self.parts[key] = flows
+        added, removed = set(), set()
+        for f in old - flows:
+            self.count[f] -= 1
+            if self.count[f] == 0:
+                del self.count[f]
+                removed.add(f)
+        for f in flows - old:
+            self.count[f] += 1
+            if self.count[f] == 1:
+                added.add(f)
+        return added, removed
+
+    def flows(self) -> frozenset[FlowSpec]:
+        return frozenset(self.count)
+
+
+@dataclass(frozen=True)
+class _Change:
+    """What one event touched, to decide which parts to recompute."""
+
+    vms: frozenset[str] = frozenset()  # uuids whose record or facts changed
+    old_vms: tuple[VM, ...] = ()  # their previous effective records (for vanished vNICs)
+    groups: frozenset[str] = frozenset()  # groups whose membership changed
+    rules: frozenset[str] = frozenset()  # rule ids added, removed or changed
+    everything: bool = False
+
+
+class Engine:
+    def __init__(self, inventory: Inventory, directory: Directory, policy: Policy,
+                 groups: Mapping[str, GroupDef]) -> None:
+        self._hypervisors: dict[str, Hypervisor] = dict(inventory.hypervisors)
+        self._gateway: Gateway | None = inventory.gateway
+        self._raw: dict[str, VM] = dict(inventory.vms)  # as reported, facts from every source
+        self._directory: dict[str, frozenset[str]] = {u: frozenset(g) for u, g in directory.items()}
+        self._policy = policy
+        self._groups: dict[str, GroupDef] = dict(groups)
+        self._effective: dict[str, VM] = {u: effective_vm(vm, self._directory) for u, vm in self._raw.items()}
+        self._index = GroupIndex(self._groups)
+        for vm in self._effective.values():
+            self._index.update_vm(vm)
+        self._bridges: dict[str, BridgeFlows] = {}
+        for hv in self._hypervisors:
+            self._rebuild_bridge(hv)
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def world(self) -> World:
+        members = {g: self._index.members(g) for g in self._groups}
+        inventory = Inventory(dict(self._hypervisors), dict(self._effective), self._gateway)
+        return World(inventory, members, self._policy)
+
+    @property
+    def groups(self) -> Mapping[str, GroupDef]:
+        return dict(self._groups)
+
+    @property
+    def directory(self) -> Mapping[str, frozenset[str]]:
+        return dict(self._directory)
+
+    def desired(self, hypervisor: str) -> frozenset[FlowSpec]:
+        return self._bridges[hypervisor].flows()
+
+    def hypervisors(self) -> tuple[str, ...]:
+        return tuple(sorted(self._hypervisors))
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Command]:
+        change = self._apply(event)
+        world = self.world()
+        commands: list[Command] = []
+        for hv in sorted(self._hypervisors):
+            ops = self._recompute(hv, change, world)
+            if ops:
+                commands.append(ProgramBridge(hv, ops))
+        return commands
+
+    def _apply(self, event: Event) -> _Change:
+        if isinstance(event, HypervisorUpserted):
+            self._hypervisors[event.hypervisor.name] = event.hypervisor
+            return _Change(everything=True)
+        if isinstance(event, GatewayChanged):
+            self._gateway = event.gateway
+            return _Change(everything=True)
+        if isinstance(event, VmUpserted):
+            return self._set_vms({event.vm.uuid: event.vm})
+        if isinstance(event, VmRemoved):
+            return self._set_vms({event.uuid: None})
+        if isinstance(event, ContextReported):
+            return self._report_context(event)
+        if isinstance(event, DirectoryChanged):
+            return self._change_directory(event)
+        if isinstance(event, PolicyChanged):
+            return self._change_policy(event.policy, event.groups)
+        raise TypeError(f"unknown event {event!r}")
+
+    def _report_context(self, event: ContextReported) -> _Change:
+        vm = self._raw.get(event.uuid)
+        if vm is None:
+            return _Change()
+        if event.provenance is Provenance.PLATFORM:
+            raise ValueError("platform facts come with the VM record, not as context")
+        kept = frozenset(f for f in vm.facts if f.provenance is not event.provenance)
+        return self._set_vms({vm.uuid: replace(vm, facts=kept | event.facts)})
+
+    def _change_directory(self, event: DirectoryChanged) -> _Change:
+        if event.groups:
+            self._directory[event.user] = frozenset(event.groups)
+        else:
+            self._directory.pop(event.user, None)
+        return self._set_vms({}, rederive=True)
+
+    def _set_vms(self, updates: Mapping[str, VM | None], rederive: bool = False) -> _Change:
+        """Store raw VM records (None removes) and update effective records and groups."""
+        for uuid, vm in updates.items():
+            if vm is None:
+                self._raw.pop(uuid, None)
+            else:
+                self._raw[uuid] = vm
+        touched = set(self._raw) if rederive else set(updates)
+        old: list[VM] = []
+        changed_vms: set[str] = set()
+        changed_groups: set[str] = set()
+        for uuid in touched:
+            before = self._effective.get(uuid)
+            raw = self._raw.get(uuid)
+            after = effective_vm(raw, self._directory) if raw is not None else None
+            if before == after:
+                continue
+            changed_vms.add(uuid)
+            if before is not None:
+                old.append(before)
+            if after is None:
+                self._effective.pop(uuid, None)
+                changed_groups |= self._index.remove_vm(uuid)
+            else:
+                self._effective[uuid] = after
+                changed_groups |= self._index.update_vm(after)
+        return _Change(vms=frozenset(changed_vms), old_vms=tuple(old), groups=frozenset(changed_groups))
+
+    def _change_policy(self, policy: Policy, groups: Mapping[str, GroupDef]) -> _Change:
+        before = {r.id: r for r in self._policy.rules}
+        after = {r.id: r for r in policy.rules}
+        rules = {rid for rid in before.keys() | after.keys() if before.get(rid) != after.get(rid)}
+        changed_groups = self._index.set_groups(groups, self._effective.values())
+        redefined = {g for g in set(groups) | set(self._groups) if self._groups.get(g) != groups.get(g)}
+        self._policy = policy
+        self._groups = dict(groups)
+        return _Change(groups=frozenset(changed_groups | redefined), rules=frozenset(rules))
+
+    # ---- recompute ---------------------------------------------------------------------------
+
+    def _rebuild_bridge(self, hv: str, world: World | None = None) -> tuple[set[FlowSpec], set[FlowSpec]]:
+        bridge = self._bridges.setdefault(hv, BridgeFlows())
+        fresh = bridge_parts(world or self.world(), hv)
+        added: set[FlowSpec] = set()
+        removed: set[FlowSpec] = set()
+        for key in set(bridge.parts) | set(fresh):
+            a, r = bridge.replace(key, fresh.get(key, frozenset()))
+            added |= a
+            removed |= r
+        return added, removed
+
+    def _recompute(self, hv: str, change: _Change, world: World) -> tuple[FlowOp, ...]:
+        if change.everything or hv not in self._bridges:
+            added, removed = self._rebuild_bridge(hv, world)
+        else:
+            added, removed = self._recompute_parts(hv, change, world)
+        return plan(diff(added, removed)) if (added or removed) else ()
+
+    def _recompute_parts(self, hv: str, change: _Change, world: World) -> tuple[set[FlowSpec], set[FlowSpec]]:
+        bridge = self._bridges[hv]
+        hypervisor = self._hypervisors[hv]
+        fresh: dict[PartKey, Flows] = {}
+        for vm in change.old_vms:
+            for nic in vm.vnics:
+                fresh[("address", nic.mac)] = frozenset()
+                fresh[("port", nic.mac)] = frozenset()
+        for uuid in change.vms:
+            vm = self._effective.get(uuid)
+            if vm is None:
+                continue
+            for nic in vm.vnics:
+                local = vm.hypervisor == hv
+                fresh[("address", nic.mac)] = address_part(nic, local, hypervisor)
+                fresh[("port", nic.mac)] = port_part(nic, hypervisor) if local else frozenset()
+        for rule_id in change.rules:
+            rule = self._policy.rule(rule_id)
+            fresh[("rule", rule_id)] = rule_part(rule, world, hv) if rule else frozenset()
+        for rule in self._policy.rules:
+            if rule.id not in change.rules and self._rule_affected(rule, change, world):
+                fresh[("rule", rule.id)] = rule_part(rule, world, hv)
+        fresh.setdefault(("gateway",), gateway_part(self._gateway, hypervisor))
+        added: set[FlowSpec] = set()
+        removed: set[FlowSpec] = set()
+        for key, flows in fresh.items():
+            a, r = bridge.replace(key, flows)
+            added |= a
+            removed |= r
+        # A flow can vanish from one part and reappear in another (a VM moving): net it out.
+        return added - removed, removed - added
+
+    def _rule_affected(self, rule: Rule, change: _Change, world: World) -> bool:
+        if not change.vms and not change.groups:
+            return False
+        if isinstance(rule.destination, AnyEndpoint) and any(isinstance(s, AppService) for s in rule.services):
+            return bool(change.vms)  # app ports of every VM feed this rule
+        for ep in (rule.source, rule.destination):
+            if isinstance(ep, GroupEndpoint):
+                if ep.group in change.groups:
+                    return True
+                if change.vms & world.members.get(ep.group, frozenset()):
+                    return True
+        return False
+
+
+def initial_commands(engine: Engine, installed: Mapping[str, Iterable[FlowSpec]]) -> list[Command]:
+    """Commands to bring bridges from what they hold to what the engine wants."""
+    out: list[Command] = []
+    for hv in engine.hypervisors():
+        ops = plan(diff(engine.desired(hv), installed.get(hv, ())))
+        if ops:
+            out.append(ProgramBridge(hv, ops))
+    return out
