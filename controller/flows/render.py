@@ -17,7 +17,7 @@ _OFCTL_NAME = {"ip_proto": "nw_proto", "ipv4_src": "ip_src", "ipv4_dst": "ip_dst
 _NXM_NAME = {
     "eth_src": "NXM_OF_ETH_SRC", "eth_dst": "NXM_OF_ETH_DST", "arp_sha": "NXM_NX_ARP_SHA",
     "arp_tha": "NXM_NX_ARP_THA", "arp_spa": "NXM_OF_ARP_SPA", "arp_tpa": "NXM_OF_ARP_TPA",
-    "reg6": "NXM_NX_REG6", "reg7": "NXM_NX_REG7",
+    **{f"reg{i}": f"NXM_NX_REG{i}" for i in range(16)},
 }
 _MAC_FIELDS = {"eth_src", "eth_dst", "arp_sha", "arp_tha"}
 _IP_FIELDS = {"ipv4_src", "ipv4_dst", "arp_spa", "arp_tpa"}

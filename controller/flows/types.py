@@ -29,13 +29,13 @@ IP_PROTO_ICMP = 1
 IP_PROTO_TCP = 6
 IP_PROTO_UDP = 17
 
-# The match fields Goldilocks uses, in canonical order, with their width in bits.
+# The OVS match fields Goldilocks can use, in canonical order, with their width in bits.
 # Names are the OXM/NXM names os-ken uses; the renderer maps them to ovs-ofctl's.
 FIELD_BITS: dict[str, int] = {
     "conj_id": 32,
     "in_port": 32,
-    "reg6": 32,
-    "reg7": 32,
+    # OVS's 32-bit registers; which ones mean what is declared in pipeline.REGISTERS only.
+    **{f"reg{i}": 32 for i in range(16)},
     "ct_state": 32,
     "ct_mark": 32,
     "eth_src": 48,
