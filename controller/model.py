@@ -8,6 +8,7 @@ hypervisor-verified facts from what a guest merely reported.
 from __future__ import annotations
 
 import ipaddress
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Mapping
@@ -55,7 +56,8 @@ class Fact:
 
     def describe(self) -> str:
         name = f"{self.attr}.{self.key}" if self.key else str(self.attr)
-        return f"{name}={self.value} ({self.provenance}, observed {self.observed_at:g})"
+        when = datetime.fromtimestamp(self.observed_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"{name}={self.value} ({self.provenance}, observed {when})"
 
 
 @dataclass(frozen=True, order=True)

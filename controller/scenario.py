@@ -10,24 +10,42 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import yaml
 
 from controller.identity.groups import GroupDef
 from controller.identity.selector import Term
 from controller.model import (
-    VM, Attr, Fact, Gateway, Hypervisor, Inventory, Port, Provenance, VNic, format_port_list,
-    normalize_ipv4, normalize_mac, parse_port,
+    VM,
+    Attr,
+    Fact,
+    Gateway,
+    Hypervisor,
+    Inventory,
+    Port,
+    Provenance,
+    VNic,
+    format_port_list,
+    normalize_ipv4,
+    normalize_mac,
+    parse_port,
 )
 from controller.policy.load import (
-    at, bool_field, index, int_field, list_field, mapping_fields, parse_policy, str_field, type_name,
+    at,
+    index,
+    int_field,
+    list_field,
+    mapping_fields,
+    parse_policy,
+    str_field,
+    type_name,
 )
 from controller.policy.schema import Policy
 from controller.policy.validate import Problem
 
-__all__ = ["Scenario", "ScenarioError", "load_scenario", "parse_scenario", "default_vm_uuid"]
+__all__ = ["Scenario", "ScenarioError", "default_vm_uuid", "load_scenario", "parse_scenario"]
 
 _TOP_KEYS = ("now", "gateway", "hypervisors", "directory", "vms", "groups", "policy")
 _HV_KEYS = ("uplink", "dpid")
@@ -77,7 +95,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError([Problem(source, f"cannot read file: {exc}")], source) from exc
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         raise ScenarioError([_yaml_problem(source, exc)], source) from exc
     return parse_scenario(data, source)

@@ -9,13 +9,22 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
-from typing import Callable, Mapping, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from controller.identity.groups import GroupDef
 from controller.identity.selector import SelectorError, parse_selector
 from controller.model import parse_port
 from controller.policy.schema import (
-    Action, AnyEndpoint, AppService, CidrEndpoint, Endpoint, GroupEndpoint, Policy, Rule, Service,
+    Action,
+    AnyEndpoint,
+    AppService,
+    CidrEndpoint,
+    Endpoint,
+    GroupEndpoint,
+    Policy,
+    Rule,
+    Service,
 )
 from controller.policy.validate import Problem, RuleDraft, validate_drafts
 

@@ -9,15 +9,22 @@ so that a file with a typo in one field still has its other faults reported in t
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 from controller.flows.pipeline import MAX_POSITION, TIER_ORDER, rule_number
 from controller.identity.groups import GroupDef
 from controller.identity.selector import attrs_used, platform_constrained
 from controller.model import PLATFORM_ATTRS, Port, parse_port
 from controller.policy.schema import (
-    Action, AppService, CidrEndpoint, Endpoint, GroupEndpoint, Policy, Rule, Service,
+    Action,
+    AppService,
+    CidrEndpoint,
+    Endpoint,
+    GroupEndpoint,
+    Policy,
+    Rule,
+    Service,
 )
 
 __all__ = ["Problem", "RuleDraft", "draft_of", "trusts_group", "validate_drafts", "validate_policy"]

@@ -1,0 +1,223 @@
+"""The `goldilocks` command."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from controller.engine import Engine
+from controller.flows.compile import World, compile_bridge
+from controller.flows.pipeline import CookieKind, cookie_kind
+from controller.flows.render import render_flows
+from controller.flows.types import Conjunction
+from controller.model import PROTOCOLS, Port
+from controller.policy.explain import Explanation, explain
+from controller.policy.schema import AppService
+from controller.scenario import Scenario, ScenarioError, load_scenario
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(path: str, err: TextIO) -> Scenario | None:
+    try:
+        return load_scenario(path)
+    except ScenarioError as exc:
+        problems = exc.problems
+        print(f"{path}: {len(problems)} problem{'s' if len(problems) != 1 else ''}:", file=err)
+        for p in problems:
+            print(f"  {p}", file=err)
+        return None
+
+
+def _engine(sc: Scenario) -> Engine:
+    return Engine(sc.inventory, sc.directory, sc.policy, sc.groups)
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    sc = _load(args.scenario, err)
+    if sc is None:
+        return EXIT_INVALID
+    inv = sc.inventory
+    print(f"{args.scenario}: valid — {len(inv.hypervisors)} hypervisors, {len(inv.vms)} VMs, "
+          f"{len(sc.groups)} groups, {len(sc.policy.rules)} rules", file=out)
+    return EXIT_OK
+
+
+def cmd_compile(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    sc = _load(args.scenario, err)
+    if sc is None:
+        return EXIT_INVALID
+    if args.hypervisor not in sc.inventory.hypervisors:
+        known = ", ".join(sorted(sc.inventory.hypervisors)) or "none"
+        print(f"unknown hypervisor {args.hypervisor!r} (known: {known})", file=err)
+        return EXIT_USAGE
+    flows = compile_bridge(_engine(sc).world(), args.hypervisor)
+    if args.stats:
+        print(json.dumps(flow_stats(flows), indent=2, sort_keys=True), file=out)
+    else:
+        out.write(render_flows(flows))
+    return EXIT_OK
+
+
+def flow_stats(flows: frozenset) -> dict[str, object]:
+    kinds: dict[str, int] = {}
+    for f in flows:
+        kind = cookie_kind(f.cookie)
+        name = kind.name.lower() if kind is not None else "foreign"
+        kinds[name] = kinds.get(name, 0) + 1
+    conj = sum(1 for f in flows if any(isinstance(a, Conjunction) for a in f.actions))
+    return {"flows": len(flows), "by_kind": kinds, "conjunctive_clauses": conj,
+            "policy_flows": kinds.get(CookieKind.RULE.name.lower(), 0)}
+
+
+def _resolve_dst(world: World, text: str) -> object | None:
+    vm = world.inventory.vm_by_name(text)
+    if vm is not None:
+        return vm
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        return None
+
+
+def cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    sc = _load(args.scenario, err)
+    if sc is None:
+        return EXIT_INVALID
+    world = _engine(sc).world()
+    src = world.inventory.vm_by_name(args.src)
+    if src is None:
+        print(f"--src: no VM named {args.src!r} (VMs: {', '.join(sorted(v.name for v in world.inventory.vms.values()))})", file=err)
+        return EXIT_USAGE
+    dst = _resolve_dst(world, args.dst)
+    if dst is None:
+        print(f"--dst: {args.dst!r} is neither a VM name nor an IPv4 address", file=err)
+        return EXIT_USAGE
+    if args.proto in ("tcp", "udp") and not 1 <= args.port <= 65535:
+        print(f"--port: {args.port} out of range (1-65535) for {args.proto}", file=err)
+        return EXIT_USAGE
+    result = explain(world, sc.groups, src, dst, args.proto, args.port)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps(explanation_json(result), indent=2), file=out)
+    else:
+        print("\n".join(result.lines()), file=out)
+    return EXIT_OK
+
+
+def explanation_json(e: Explanation) -> dict[str, object]:
+    return {
+        "src": e.src, "dst": e.dst, "protocol": e.protocol, "port": e.port, "verdict": e.verdict,
+        "rule": None if e.rule is None else {"id": e.rule.id, "tier": e.rule.tier, "position": e.rule.position},
+        "reason": e.reason, "enforced_at": list(e.enforced_at),
+        "monitored": [r.id for r in e.monitored],
+        "memberships": [
+            {"group": m.group, "vm": m.vm, "member": m.member, "selector": m.selector,
+             "evidence": [{"term": ev.term, "satisfied": ev.satisfied,
+                           "facts": [{"attr": str(f.attr), "key": f.key, "value": f.value,
+                                      "provenance": str(f.provenance), "observed_at": f.observed_at}
+                                     for f in ev.facts]} for ev in m.evidence]}
+            for m in e.memberships
+        ],
+    }
+
+
+def policy_services(sc: Scenario, world: World) -> list[tuple[str, int]]:
+    """One probe per service the policy names (app ports resolved on every VM)."""
+    probes: set[tuple[str, int]] = set()
+    for rule in sc.policy.rules:
+        for svc in rule.services:
+            ports: list[Port] = []
+            if isinstance(svc, AppService):
+                for vm in world.inventory.vms.values():
+                    ports.extend(vm.app_ports(svc.app))
+            else:
+                ports.append(svc)
+            for p in ports:
+                if p.protocol in ("tcp", "udp"):
+                    probes.add((p.protocol, p.low))
+                elif p.protocol == "icmp":
+                    probes.add(("icmp", 0))
+    return sorted(probes) or [("icmp", 0)]
+
+
+def reachability(sc: Scenario, world: World) -> list[list[str]]:
+    names = sorted(vm.name for vm in world.inventory.vms.values())
+    probes = policy_services(sc, world)
+    rows = [["from \\ to"] + names]
+    for s in names:
+        row = [s]
+        for d in names:
+            if s == d:
+                row.append("-")
+                continue
+            src, dst = world.inventory.vm_by_name(s), world.inventory.vm_by_name(d)
+            ok = [p for p in probes if explain(world, sc.groups, src, dst, p[0], p[1]).allowed]  # type: ignore[arg-type]
+            row.append(",".join(proto if proto == "icmp" else f"{proto}/{port}" for proto, port in ok) or "deny")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    paths = args.scenario or sorted(str(p) for p in EXAMPLES.glob("*.yaml"))
+    for path in paths:
+        sc = _load(path, err)
+        if sc is None:
+            return EXIT_INVALID
+        world = _engine(sc).world()
+        print(f"== {path}", file=out)
+        for hv in sorted(sc.inventory.hypervisors):
+            stats = flow_stats(compile_bridge(world, hv))
+            print(f"   {hv}: {stats['flows']} flows ({stats['policy_flows']} for policy, "
+                  f"{stats['conjunctive_clauses']} conjunctive clauses)", file=out)
+        print("   reachability (new connections the policy allows):", file=out)
+        print("\n".join("   " + line for line in format_table(reachability(sc, world)).splitlines()), file=out)
+        print(file=out)
+    print("Next: goldilocks explain SCENARIO --src VM --dst VM --proto tcp --port N   (see README)", file=out)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="goldilocks", description=(
+        "Context-aware microsegmentation for Open vSwitch hypervisors. "
+        "Scenario files describe hypervisors, VMs, context, groups and policy (docs/scenario.md)."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    c = sub.add_parser("check", help="validate a scenario file; exit 0 if valid, 1 listing every problem")
+    c.add_argument("scenario", help="scenario YAML file")
+    c.set_defaults(func=cmd_check)
+    c = sub.add_parser("compile", help="print one hypervisor's bridge flows (ovs-ofctl add-flows syntax)")
+    c.add_argument("scenario", help="scenario YAML file")
+    c.add_argument("--hypervisor", required=True, metavar="NAME", help="hypervisor whose bridge to compile")
+    c.add_argument("--stats", action="store_true", help="print flow counts as JSON instead of the flows")
+    c.set_defaults(func=cmd_compile)
+    c = sub.add_parser("explain", help="verdict and reasons for a new connection from a VM")
+    c.add_argument("scenario", help="scenario YAML file")
+    c.add_argument("--src", required=True, metavar="VM", help="source VM name")
+    c.add_argument("--dst", required=True, metavar="VM|IP", help="destination VM name or IPv4 address")
+    c.add_argument("--proto", required=True, choices=[x for x in PROTOCOLS if x != "any"], help="protocol")
+    c.add_argument("--port", type=int, default=0, help="destination port (tcp/udp)")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_explain)
+    c = sub.add_parser("demo", help="compile the examples and print who may reach whom")
+    c.add_argument("scenario", nargs="*", help="scenario files (default: the shipped examples)")
+    c.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args, out, err))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
