@@ -8,6 +8,7 @@ hypervisor-verified facts from what a guest merely reported.
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from enum import Enum
@@ -126,7 +127,11 @@ class VM:
         """Ports `app` listens on here, from the APP facts (value "tcp/5432,udp/53")."""
         ports: set[Port] = set()
         for f in self.values(Attr.APP, app):
-            ports.update(parse_port_list(f.value))
+            for port in _lenient_port_list(f.value):
+                # A guest may only say which tcp/udp ports an app listens on: a claimed
+                # "any" must never widen an allow to every service.
+                if port.protocol in ("tcp", "udp"):
+                    ports.add(port)
         return tuple(sorted(ports))
 
 
@@ -171,6 +176,7 @@ def normalize_ipv4(ip: str) -> str:
 
 
 PROTOCOLS = ("tcp", "udp", "icmp", "any")
+_PORT_RANGE = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 
 
 def parse_port(text: str) -> Port:
@@ -185,18 +191,28 @@ def parse_port(text: str) -> Port:
         return Port(proto)
     if not ports:
         raise ValueError(f"{proto} needs a port or range, e.g. {proto}/443 or {proto}/8000-8080")
-    low_s, _, high_s = ports.partition("-")
-    try:
-        low = int(low_s)
-        high = int(high_s) if high_s else low
-    except ValueError:
-        raise ValueError(f"port {ports!r} is not a number or range") from None
+    found = _PORT_RANGE.fullmatch(ports)
+    if found is None:
+        raise ValueError(f"port {ports!r} is not a number or range (e.g. 443 or 8000-8080)")
+    low = int(found.group(1))
+    high = int(found.group(2)) if found.group(2) else low
     for p in (low, high):
         if not 1 <= p <= 65535:
             raise ValueError(f"port {p} out of range (1-65535)")
     if low > high:
         raise ValueError(f"port range {low}-{high} is reversed")
     return Port(proto, low, high)
+
+
+def _lenient_port_list(text: str) -> list[Port]:
+    """Guest-reported port lists: skip what does not parse rather than fail the whole VM."""
+    out = []
+    for part in text.split(","):
+        try:
+            out.append(parse_port(part))
+        except ValueError:
+            continue
+    return out
 
 
 def parse_port_list(text: str) -> tuple[Port, ...]:
