@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Install what Goldilocks needs on a Debian 12 machine, and the Python venv. Idempotent.
+#  - apt packages: skipped when all are installed already
+#  - no system Open vSwitch daemons are left running: tests start their own (DESIGN.md §1)
+#  - .venv with Python >= 3.11, `pip install -e '.[dev]'` (skipped when setup.cfg/pyproject
+#    are unchanged since the last install)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv)
+TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn)
+export PATH="$PATH:/usr/sbin:/sbin"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_needed() {
+    local pkg tool
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || return 0
+    done
+    for tool in "${TOOLS[@]}"; do command -v "$tool" >/dev/null || return 0; done
+    return 1
+}
+
+install_packages() {
+    if ! apt_needed; then
+        echo "setup: system packages present"
+        return
+    fi
+    echo "setup: installing ${APT_PACKAGES[*]}"
+    # Keep the packages' init scripts from starting system daemons during the install.
+    local policy=/usr/sbin/policy-rc.d made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+        as_root chmod 755 "$policy"
+        made_policy=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${APT_PACKAGES[@]}"
+    if [ "$made_policy" -eq 1 ]; then as_root rm -f "$policy"; fi
+}
+
+stop_system_ovs() {
+    # Tests run their own ovsdb-server/ovs-vswitchd; a system service must never interfere.
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now openvswitch-switch ovs-vswitchd ovsdb-server \
+            >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/openvswitch-switch ]; then
+        as_root /etc/init.d/openvswitch-switch stop >/dev/null 2>&1 || true
+    fi
+    # Daemons started by the package's init script leave pidfiles here (only these are ours
+    # to stop: private test sandboxes keep theirs in their own directories).
+    local pidfile pid
+    for pidfile in /var/run/openvswitch/ovs-vswitchd.pid /var/run/openvswitch/ovsdb-server.pid; do
+        [ -f "$pidfile" ] || continue
+        pid="$(cat "$pidfile" 2>/dev/null || true)"
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+            echo "setup: stopping system OVS daemon pid $pid ($pidfile)"
+            as_root kill "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
+pick_python() {
+    local candidate
+    for candidate in python3.11 python3.12 python3 /usr/bin/python3; do
+        command -v "$candidate" >/dev/null || continue
+        if "$candidate" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))'; then
+            command -v "$candidate"
+            return
+        fi
+    done
+    echo "setup: no Python 3.11 or 3.12 found" >&2
+    return 1
+}
+
+make_venv() {
+    if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+        local python
+        python="$(pick_python)"
+        echo "setup: creating .venv with $python"
+        rm -rf .venv
+        "$python" -m venv .venv
+    fi
+    local stamp=.venv/.goldilocks-install digest
+    digest="$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ] && .venv/bin/python -c 'import controller' 2>/dev/null; then
+        echo "setup: .venv up to date"
+        return
+    fi
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    echo "$digest" > "$stamp"
+}
+
+install_packages
+stop_system_ovs
+make_venv
+echo "setup: done"
