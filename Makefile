@@ -11,7 +11,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 demo: setup
-	$(VENV)/bin/goldilocks --help
+	$(VENV)/bin/goldilocks demo
 
 bench: setup
 	$(VENV)/bin/python -m bench.compile
