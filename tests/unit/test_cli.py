@@ -1,0 +1,111 @@
+"""The goldilocks command as a user runs it: exit codes, every problem listed, useful output."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.cli import main
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = main(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("example", ["three-tier.yaml", "finance-identity.yaml"])
+def test_check_accepts_the_examples(example: str) -> None:
+    code, out, err = run("check", str(EXAMPLES / example))
+    assert code == 0 and "valid" in out and not err
+
+
+def test_check_lists_every_problem_and_fails(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+hypervisors: [{name: hv1}]
+vms:
+  - {name: a, hypervisor: hv1, vnics: [{mac: "02:00:00:00:00:01", ips: [10.0.0.1], ofport: 1}]}
+groups:
+  web: "tag.tier == 'web'"
+  who: "usergroup == 'finance'"
+policy:
+  rules:
+    - {id: r1, tier: application, position: 1, source: {group: nope}, destination: any, services: [tcp/70000], action: allow}
+    - {id: r1, tier: application, position: 1, source: {cidr: 10.0.0.1/8}, destination: {group: web}, services: [sctp/1], action: allow}
+    - {id: r3, tier: application, position: 2, source: {group: who}, destination: {group: web}, action: allow}
+""")
+    code, out, err = run("check", str(bad))
+    assert code == 1 and not out
+    for needle in ("unknown group 'nope'", "70000", "host bits", "sctp", "duplicate", "position", "guest"):
+        assert needle in err, f"{needle!r} missing from:\n{err}"
+    assert err.count("policy.rules[") >= 5
+
+
+def test_check_names_the_yaml_syntax_error_line(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("hypervisors: [\n  {name: hv1\n")
+    code, _, err = run("check", str(bad))
+    assert code == 1 and "broken.yaml:3:" in err and "YAML syntax error" in err
+
+
+def test_compile_prints_flows_for_ovs_ofctl() -> None:
+    code, out, _ = run("compile", str(EXAMPLES / "three-tier.yaml"), "--hypervisor", "hv1")
+    lines = out.splitlines()
+    assert code == 0 and len(lines) > 50
+    assert all(" actions=" in line and line.startswith("table=") for line in lines)
+    assert any("conjunction(" in line for line in lines) and any("ct(commit" in line for line in lines)
+
+
+def test_compile_stats_and_unknown_hypervisor() -> None:
+    code, out, _ = run("compile", str(EXAMPLES / "three-tier.yaml"), "--hypervisor", "hv2", "--stats")
+    stats = json.loads(out)
+    assert code == 0 and stats["flows"] > stats["policy_flows"] > 0
+    code, _, err = run("compile", str(EXAMPLES / "three-tier.yaml"), "--hypervisor", "hv9")
+    assert code == 2 and "unknown hypervisor 'hv9'" in err and "hv1, hv2" in err
+
+
+def test_explain_gives_verdict_rule_and_membership_reasons() -> None:
+    f = str(EXAMPLES / "finance-identity.yaml")
+    code, out, _ = run("explain", f, "--src", "fin-desk1", "--dst", "ledger-db", "--proto", "tcp", "--port", "5432")
+    assert code == 0 and out.startswith("fin-desk1 -> ledger-db tcp/5432: ALLOW")
+    assert "finance-to-ledger" in out and "usergroup=finance (guest" in out and "tag.role=desktop (platform" in out
+    code, out, _ = run("explain", f, "--src", "fin-desk2", "--dst", "ledger-db", "--proto", "tcp", "--port", "5432")
+    assert "DENY" in out.splitlines()[0] and "NOT a member of group 'finance-desktops'" in out
+    assert "usergroup=engineering" in out
+
+
+def test_explain_json_and_ip_destination() -> None:
+    f = str(EXAMPLES / "three-tier.yaml")
+    code, out, _ = run("explain", f, "--src", "admin1", "--dst", "10.0.0.31", "--proto", "tcp", "--port", "22", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["verdict"] == "allow" and data["rule"]["tier"] == "infrastructure"
+
+
+@pytest.mark.parametrize("args,msg", [
+    (("--src", "ghost", "--dst", "web1", "--proto", "tcp", "--port", "80"), "no VM named 'ghost'"),
+    (("--src", "web1", "--dst", "nowhere", "--proto", "tcp", "--port", "80"), "neither a VM name nor an IPv4"),
+    (("--src", "web1", "--dst", "app1", "--proto", "tcp", "--port", "0"), "out of range"),
+])
+def test_explain_bad_arguments_are_named(args: tuple[str, ...], msg: str) -> None:
+    code, _, err = run("explain", str(EXAMPLES / "three-tier.yaml"), *args)
+    assert code == 2 and msg in err
+
+
+def test_demo_prints_a_matrix_per_example() -> None:
+    code, out, _ = run("demo")
+    assert code == 0 and out.count("reachability") == 2 and "fin-desk1" in out and "tcp/5432" in out
+
+
+def test_console_script_help() -> None:
+    proc = subprocess.run([sys.executable, "-m", "controller.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for cmd in ("check", "compile", "explain", "demo"):
+        assert cmd in proc.stdout
