@@ -16,4 +16,12 @@ class ProgramBridge:
     ops: tuple[FlowOp, ...]
 
 
-Command = Union[ProgramBridge]
+@dataclass(frozen=True)
+class FlushZones:
+    """Forget the conntrack entries of these zones: their port now belongs to someone else."""
+
+    hypervisor: str
+    zones: tuple[int, ...]
+
+
+Command = Union[ProgramBridge, FlushZones]

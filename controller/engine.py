@@ -11,10 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from controller.commands import Command, ProgramBridge
+from controller.commands import Command, FlushZones, ProgramBridge
 from controller.events import (
     ContextReported, DirectoryChanged, Event, GatewayChanged, HypervisorUpserted, PolicyChanged,
-    VmRemoved, VmUpserted,
+    PortsObserved, VmRemoved, VmUpserted,
 )
 from controller.flows.compile import (
     Flows, PartKey, World, address_part, bridge_parts, gateway_part, port_part, rule_part,
@@ -64,6 +64,7 @@ class _Change:
     groups: frozenset[str] = frozenset()  # groups whose membership changed
     rules: frozenset[str] = frozenset()  # rule ids added, removed or changed
     everything: bool = False
+    flush: tuple[tuple[str, int], ...] = ()  # (hypervisor, zone) whose port changed hands
 
 
 class Engine:
@@ -79,6 +80,7 @@ class Engine:
         self._index = GroupIndex(self._groups)
         for vm in self._effective.values():
             self._index.update_vm(vm)
+        self._occupants: dict[str, dict[int, str]] = {}  # hypervisor -> ofport -> MAC seen there
         self._bridges: dict[str, BridgeFlows] = {}
         for hv in self._hypervisors:
             self._rebuild_bridge(hv)
@@ -114,6 +116,9 @@ class Engine:
             ops = self._recompute(hv, change, world)
             if ops:
                 commands.append(ProgramBridge(hv, ops))
+        # After the new owner's flows: nothing of the old owner's connections may survive.
+        for hv in sorted({hv for hv, _ in change.flush}):
+            commands.append(FlushZones(hv, tuple(sorted(z for h, z in change.flush if h == hv))))
         return commands
 
     def _apply(self, event: Event) -> _Change:
@@ -133,7 +138,30 @@ class Engine:
             return self._change_directory(event)
         if isinstance(event, PolicyChanged):
             return self._change_policy(event.policy, event.groups)
+        if isinstance(event, PortsObserved):
+            return self._observe_ports(event)
         raise TypeError(f"unknown event {event!r}")
+
+    def _observe_ports(self, event: PortsObserved) -> _Change:
+        """OVSDB is the truth for where a vNIC is plugged: bind, unbind and move VMs."""
+        hv = self._hypervisors.get(event.hypervisor)
+        if hv is None:
+            return _Change()
+        new_hv = replace(hv, dpid=event.dpid, uplink_ofport=event.uplink_ofport)
+        if new_hv != hv:
+            self._hypervisors[hv.name] = new_hv
+        bound = {(p.vm_uuid.lower(), p.mac): p.ofport for p in event.ports}
+        updates = {}
+        for vm in self._raw.values():
+            new = _bind(vm, event.hypervisor, bound)
+            if new != vm:
+                updates[vm.uuid] = new
+        change = self._set_vms(updates)
+        occupants = {p.ofport: p.mac for p in event.ports}
+        before = self._occupants.get(event.hypervisor, {})
+        self._occupants[event.hypervisor] = occupants
+        handed_over = tuple((event.hypervisor, port) for port, mac in before.items() if occupants.get(port) != mac)
+        return replace(change, everything=new_hv != hv, flush=handed_over)
 
     def _report_context(self, event: ContextReported) -> _Change:
         vm = self._raw.get(event.uuid)
@@ -253,6 +281,22 @@ class Engine:
                 if change.vms & world.members.get(ep.group, frozenset()):
                     return True
         return False
+
+
+def _bind(vm: VM, hypervisor: str, bound: Mapping[tuple[str, str], int]) -> VM:
+    """`vm` as the OVSDB of `hypervisor` shows it: vNICs plugged there carry their ofport and
+    pull the VM there; vNICs of a VM on `hypervisor` that are not plugged become unbound."""
+    nics, here = [], False
+    for nic in vm.vnics:
+        ofport = bound.get((vm.uuid.lower(), nic.mac))
+        if ofport is not None:
+            nics.append(replace(nic, ofport=ofport))
+            here = True
+        elif vm.hypervisor == hypervisor:
+            nics.append(replace(nic, ofport=None))
+        else:
+            nics.append(nic)
+    return replace(vm, vnics=tuple(nics), hypervisor=hypervisor if here else vm.hypervisor)
 
 
 def initial_commands(engine: Engine, installed: Mapping[str, Iterable[FlowSpec]]) -> list[Command]:

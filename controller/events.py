@@ -54,4 +54,23 @@ class PolicyChanged:
     groups: Mapping[str, GroupDef]
 
 
-Event = Union[HypervisorUpserted, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]
+@dataclass(frozen=True, order=True)
+class BoundPort:
+    """A vNIC as the hypervisor's OVSDB shows it: which VM (vm-id), which MAC, which ofport."""
+
+    ofport: int
+    mac: str
+    vm_uuid: str
+
+
+@dataclass(frozen=True)
+class PortsObserved:
+    """Everything one hypervisor's OVSDB says about its bridge, as a full snapshot."""
+
+    hypervisor: str
+    dpid: int | None
+    uplink_ofport: int | None
+    ports: tuple[BoundPort, ...]
+
+
+Event = Union[PortsObserved, HypervisorUpserted, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]

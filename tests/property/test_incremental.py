@@ -10,11 +10,11 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.commands import ProgramBridge
+from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import (
-    ContextReported, DirectoryChanged, GatewayChanged, HypervisorUpserted, PolicyChanged,
-    VmRemoved, VmUpserted,
+    BoundPort, ContextReported, DirectoryChanged, GatewayChanged, HypervisorUpserted, PolicyChanged,
+    PortsObserved, VmRemoved, VmUpserted,
 )
 from controller.flows.compile import compile_bridge
 from controller.flows.reconcile import apply_plan
@@ -109,7 +109,17 @@ infra_events = st.one_of(
     st.builds(lambda on: GatewayChanged(Gateway("10.0.0.254", "02:00:00:00:00:fe") if on else None), st.booleans()),
 )
 
-events = st.one_of(vm_events, vm_events, remove_events, context_events, context_events, directory_events,
+@st.composite
+def ports_observed(draw: st.DrawFn) -> PortsObserved:
+    """An OVSDB snapshot: some VMs plugged on one hypervisor, ofports reused between VMs."""
+    hv = draw(st.sampled_from(HVS))
+    vms = draw(st.lists(st.integers(0, N_VMS - 1), max_size=4, unique=True))
+    ofports = draw(st.lists(st.integers(1, 8), min_size=len(vms), max_size=len(vms), unique=True))
+    ports = tuple(BoundPort(p, f"02:00:00:00:00:{i + 1:02x}", f"vm-{i}") for i, p in zip(vms, ofports))
+    return PortsObserved(hv, None, draw(st.sampled_from((None, 100))), ports)
+
+
+events = st.one_of(ports_observed(), ports_observed(), vm_events, vm_events, remove_events, context_events, context_events, directory_events,
                    policy_events(), infra_events)
 
 
@@ -129,12 +139,27 @@ def test_incremental_equals_full(sequence: list) -> None:
         commands = engine.handle(event)
         world = engine.world()
         for cmd in commands:
-            assert isinstance(cmd, ProgramBridge)
-            installed[cmd.hypervisor] = apply_plan(installed[cmd.hypervisor], cmd.ops)
+            if isinstance(cmd, ProgramBridge):
+                installed[cmd.hypervisor] = apply_plan(installed[cmd.hypervisor], cmd.ops)
         for hv in HVS:
             full = compile_bridge(world, hv)
             assert engine.desired(hv) == full, f"after {event!r}: incremental differs on {hv}"
             assert installed[hv] == full, f"after {event!r}: emitted ops do not reach the desired flows on {hv}"
+
+
+def test_a_port_handed_to_another_vm_flushes_its_zone_and_moves_flows() -> None:
+    engine = fresh_engine()
+    first = engine.handle(PortsObserved("hv1", 1, 100, (BoundPort(7, "02:00:00:00:00:01", "vm-0"),)))
+    assert not any(isinstance(c, FlushZones) for c in first)
+    assert engine.world().inventory.vms["vm-0"].vnics[0].ofport == 7
+    then = engine.handle(PortsObserved("hv1", 1, 100, (BoundPort(7, "02:00:00:00:00:04", "vm-3"),)))
+    assert FlushZones("hv1", (7,)) in then
+    vms = engine.world().inventory.vms
+    assert vms["vm-0"].vnics[0].ofport is None, "the old VM keeps nothing of the port"
+    flows = engine.desired("hv1")
+    port7 = [f for f in flows if (m := f.match.get("in_port")) is not None and m.value == 7]
+    assert port7 == [] or all(f.match.get("eth_src") is None or f.match.get("eth_src").value != 0x020000000001
+                              for f in port7)
 
 
 def test_no_op_event_sends_nothing() -> None:
