@@ -103,6 +103,9 @@ class Engine:
     def desired(self, hypervisor: str) -> frozenset[FlowSpec]:
         return self._bridges[hypervisor].flows()
 
+    def hypervisor_records(self) -> dict[str, Hypervisor]:
+        return dict(self._hypervisors)
+
     def hypervisors(self) -> tuple[str, ...]:
         return tuple(sorted(self._hypervisors))
 

@@ -1,0 +1,243 @@
+"""The runtime: the engine plus what Goldilocks knows of every switch, as one pure state machine.
+
+The shell feeds it inventory/context/policy events and switch events (connected, flows dumped,
+bundle committed or failed, time passing) and executes the switch commands it returns. Per
+bridge it keeps what is installed, so a reconnect diffs the dump against the desired flows and
+repairs only the difference — it never flushes — and a failed bundle leaves the bridge marked
+out of sync, retried with backoff, while other bridges carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Iterable, Union
+
+from controller.commands import FlushZones, ProgramBridge
+from controller.engine import Engine
+from controller.events import Event
+from controller.flows.reconcile import FlowOp, apply_plan, diff, plan
+from controller.flows.types import FlowSpec
+
+BACKOFF_FIRST = 0.5  # seconds
+BACKOFF_MAX = 30.0
+
+
+class SyncState(str, Enum):
+    DISCONNECTED = "disconnected"
+    DUMPING = "dumping"  # asked the switch for its flows
+    APPLYING = "applying"  # a bundle is in flight
+    IN_SYNC = "in_sync"
+    BACKOFF = "backoff"  # the last bundle failed; dump again at retry_at
+
+
+# ---- switch events (from the os-ken app) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SwitchConnected:
+    dpid: int
+
+
+@dataclass(frozen=True)
+class SwitchDisconnected:
+    dpid: int
+
+
+@dataclass(frozen=True)
+class FlowsDumped:
+    dpid: int
+    flows: frozenset[FlowSpec]  # every flow under the Goldilocks cookie prefix
+    undecodable: int = 0  # flows under our prefix the codec could not read (replaced)
+
+
+@dataclass(frozen=True)
+class BundleCommitted:
+    dpid: int
+    bundle: int
+
+
+@dataclass(frozen=True)
+class BundleFailed:
+    dpid: int
+    bundle: int
+    error: str  # names the flow and rule the switch refused, when known
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passes; due retries fire."""
+
+
+SwitchEvent = Union[SwitchConnected, SwitchDisconnected, FlowsDumped, BundleCommitted, BundleFailed, Tick]
+
+
+# ---- switch commands (to the os-ken app) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestDump:
+    dpid: int
+
+
+@dataclass(frozen=True)
+class SendBundle:
+    """One atomic bundle of flow mods, then a barrier."""
+
+    dpid: int
+    bundle: int
+    ops: tuple[FlowOp, ...]
+
+
+@dataclass(frozen=True)
+class FlushConntrack:
+    dpid: int
+    zones: tuple[int, ...]
+
+
+SwitchCommand = Union[RequestDump, SendBundle, FlushConntrack]
+
+
+@dataclass(frozen=True)
+class BridgeSync:
+    hypervisor: str
+    dpid: int | None = None
+    state: SyncState = SyncState.DISCONNECTED
+    installed: frozenset[FlowSpec] | None = None  # None: unknown until dumped
+    pending: tuple[FlowOp, ...] = ()
+    bundle: int = 0
+    dirty: bool = False  # desired changed while a bundle was in flight
+    failures: int = 0
+    retry_at: float | None = None
+    last_error: str | None = None
+    bundles_sent: int = 0
+    flow_mods_sent: int = 0
+
+
+class Runtime:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._bridges: dict[str, BridgeSync] = {
+            hv: BridgeSync(hv, dpid=record.dpid) for hv, record in engine.hypervisor_records().items()}
+        self._connected: set[int] = set()  # dpids connected, mapped to a hypervisor or not
+        self._next_bundle = 1
+
+    # ---- reading -----------------------------------------------------------------------------
+
+    def bridge(self, hypervisor: str) -> BridgeSync:
+        return self._bridges[hypervisor]
+
+    def bridges(self) -> tuple[BridgeSync, ...]:
+        return tuple(self._bridges[hv] for hv in sorted(self._bridges))
+
+    def _hv_of(self, dpid: int) -> str | None:
+        return next((b.hypervisor for b in self._bridges.values() if b.dpid == dpid), None)
+
+    # ---- writing -----------------------------------------------------------------------------
+
+    def handle(self, event: Event | SwitchEvent, now: float) -> list[SwitchCommand]:
+        if isinstance(event, SwitchConnected):
+            self._connected.add(event.dpid)
+            return self._connect(event.dpid)
+        if isinstance(event, SwitchDisconnected):
+            self._connected.discard(event.dpid)
+            return self._on_bridge(event.dpid, lambda b: (replace(b, state=SyncState.DISCONNECTED, installed=None,
+                                                                   pending=(), dirty=False), []))
+        if isinstance(event, FlowsDumped):
+            return self._on_bridge(event.dpid, lambda b: self._dumped(b, event.flows))
+        if isinstance(event, BundleCommitted):
+            return self._on_bridge(event.dpid, lambda b: self._committed(b, event.bundle))
+        if isinstance(event, BundleFailed):
+            return self._on_bridge(event.dpid, lambda b: self._failed(b, event, now))
+        if isinstance(event, Tick):
+            return self._retry_due(now)
+        return self._engine_event(event)
+
+    def _engine_event(self, event: Event) -> list[SwitchCommand]:
+        out: list[SwitchCommand] = []
+        commands = self.engine.handle(event)
+        # OVSDB may just have told us which hypervisor a (connected) dpid is.
+        for hv, record in self.engine.hypervisor_records().items():
+            b = self._bridges.setdefault(hv, BridgeSync(hv))
+            if record.dpid != b.dpid:
+                self._bridges[hv] = replace(b, dpid=record.dpid, state=SyncState.DISCONNECTED, installed=None)
+                if record.dpid is not None and record.dpid in self._connected:
+                    out += self._connect(record.dpid)
+        for cmd in commands:
+            b = self._bridges[cmd.hypervisor]
+            if isinstance(cmd, ProgramBridge):
+                new, cmds = self._changed(b)
+                self._bridges[cmd.hypervisor] = new
+                out += cmds
+            elif isinstance(cmd, FlushZones) and b.dpid is not None and b.dpid in self._connected:
+                out.append(FlushConntrack(b.dpid, cmd.zones))
+        return out
+
+    def _on_bridge(self, dpid: int, step) -> list[SwitchCommand]:
+        hv = self._hv_of(dpid)
+        if hv is None:
+            return []  # not (yet) a bridge we manage: its OVSDB will tell us
+        new, cmds = step(self._bridges[hv])
+        self._bridges[hv] = new
+        return cmds
+
+    def _connect(self, dpid: int) -> list[SwitchCommand]:
+        def step(b: BridgeSync) -> tuple[BridgeSync, list[SwitchCommand]]:
+            return replace(b, state=SyncState.DUMPING, installed=None, pending=(), dirty=False), [RequestDump(dpid)]
+        return self._on_bridge(dpid, step)
+
+    def _send(self, b: BridgeSync, ops: tuple[FlowOp, ...]) -> tuple[BridgeSync, list[SwitchCommand]]:
+        if not ops:
+            return replace(b, state=SyncState.IN_SYNC, pending=(), dirty=False, failures=0,
+                           retry_at=None), []
+        bundle = self._next_bundle
+        self._next_bundle += 1
+        assert b.dpid is not None
+        new = replace(b, state=SyncState.APPLYING, pending=ops, bundle=bundle, dirty=False,
+                      bundles_sent=b.bundles_sent + 1, flow_mods_sent=b.flow_mods_sent + len(ops))
+        return new, [SendBundle(b.dpid, bundle, ops)]
+
+    def _dumped(self, b: BridgeSync, flows: frozenset[FlowSpec]) -> tuple[BridgeSync, list[SwitchCommand]]:
+        if b.state is not SyncState.DUMPING:
+            return b, []
+        b = replace(b, installed=flows)
+        return self._send(b, plan(diff(self.engine.desired(b.hypervisor), flows)))
+
+    def _changed(self, b: BridgeSync) -> tuple[BridgeSync, list[SwitchCommand]]:
+        if b.state is SyncState.IN_SYNC:
+            assert b.installed is not None
+            return self._send(b, plan(diff(self.engine.desired(b.hypervisor), b.installed)))
+        if b.state is SyncState.APPLYING:
+            return replace(b, dirty=True), []
+        return b, []  # disconnected, dumping or backing off: the next dump reconciles
+
+    def _committed(self, b: BridgeSync, bundle: int) -> tuple[BridgeSync, list[SwitchCommand]]:
+        if b.state is not SyncState.APPLYING or bundle != b.bundle or b.installed is None:
+            return b, []
+        installed = apply_plan(b.installed, b.pending)
+        b = replace(b, installed=installed, pending=(), failures=0, retry_at=None, last_error=None)
+        return self._send(b, plan(diff(self.engine.desired(b.hypervisor), installed)))
+
+    def _failed(self, b: BridgeSync, event: BundleFailed, now: float) -> tuple[BridgeSync, list[SwitchCommand]]:
+        if event.bundle != b.bundle:
+            return b, []
+        failures = b.failures + 1
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
+        # An atomic bundle that failed changed nothing; still, trust only a fresh dump.
+        return replace(b, state=SyncState.BACKOFF, pending=(), failures=failures, retry_at=now + delay,
+                       last_error=event.error, installed=None), []
+
+    def _retry_due(self, now: float) -> list[SwitchCommand]:
+        out: list[SwitchCommand] = []
+        for hv, b in self._bridges.items():
+            if b.state is SyncState.BACKOFF and b.retry_at is not None and now >= b.retry_at:
+                if b.dpid is not None and b.dpid in self._connected:
+                    self._bridges[hv] = replace(b, state=SyncState.DUMPING, retry_at=None)
+                    out.append(RequestDump(b.dpid))
+                else:
+                    self._bridges[hv] = replace(b, state=SyncState.DISCONNECTED, retry_at=None)
+        return out
+
+
+def dpids(commands: Iterable[SwitchCommand]) -> set[int]:
+    return {c.dpid for c in commands}
