@@ -187,6 +187,24 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    import logging
+
+    from controller.config import ConfigError, load_config
+    from controller.service import run
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(str(exc), file=err)
+        return EXIT_INVALID
+    sc = _load(str(config.scenario), err)
+    if sc is None:
+        return EXIT_INVALID
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(config, sc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goldilocks", description=(
         "Context-aware microsegmentation for Open vSwitch hypervisors. "
@@ -208,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=0, help="destination port (tcp/udp)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_explain)
+    c = sub.add_parser("run", help="run the OpenFlow controller: OVSDB monitors, os-ken app, engine (docs/running.md)")
+    c.add_argument("--config", required=True, metavar="FILE", help="controller config YAML")
+    c.set_defaults(func=cmd_run)
     c = sub.add_parser("demo", help="compile the examples and print who may reach whom")
     c.add_argument("scenario", nargs="*", help="scenario files (default: the shipped examples)")
     c.set_defaults(func=cmd_demo)

@@ -61,11 +61,15 @@ def plan(d: Diff) -> tuple[FlowOp, ...]:
     out before them, so no half-built conjunction ever acts.
     """
     deletes = sorted(d.delete, key=lambda f: (f.match.get("conj_id") is None, _order(f)))
-    modifies = sorted((new for _, new in d.modify), key=_order)
+    # OVS's strict modify keeps a flow's old cookie: a flow that changes owner is re-added
+    # (an add on an existing key replaces it in place, counters kept).
+    modifies = sorted((new for old, new in d.modify if old.cookie == new.cookie), key=_order)
+    recookied = sorted((new for old, new in d.modify if old.cookie != new.cookie), key=_order)
     adds = sorted(d.add, key=lambda f: (f.match.get("conj_id") is not None, _order(f)))
     return (
         tuple(FlowOp(OpKind.DELETE, f) for f in deletes)
         + tuple(FlowOp(OpKind.MODIFY, f) for f in modifies)
+        + tuple(FlowOp(OpKind.ADD, f) for f in recookied)
         + tuple(FlowOp(OpKind.ADD, f) for f in adds)
     )
 

@@ -126,3 +126,12 @@ def test_modified_flow_keeps_its_key() -> None:
     b = FlowSpec(int(Table.ACCEPT), 100, Match.of(reg7=1), (Output(2),), ck)
     d = diff([b], [a])
     assert not d.add and not d.delete and d.modify == frozenset({(a, b)})
+
+
+def test_a_flow_changing_cookie_is_re_added_not_modified() -> None:
+    """OVS's strict modify keeps the old cookie (checked on OVS 3.1): re-add instead."""
+    a = FlowSpec(int(Table.ACCEPT), 100, Match.of(reg7=1), (Output(1),), cookie(CookieKind.PORT, 1))
+    b = FlowSpec(int(Table.ACCEPT), 100, Match.of(reg7=1), (Output(1),), cookie(CookieKind.PORT, 2))
+    (op,) = plan(diff([b], [a]))
+    assert op.kind is OpKind.ADD and op.flow == b
+    assert apply_plan([a], [op]) == frozenset({b})

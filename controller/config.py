@@ -1,0 +1,175 @@
+"""The `goldilocks run` configuration file (YAML), validated with every problem located.
+
+    scenario: examples/three-tier.yaml    # inventory, context, groups, policy (relative to this file)
+    openflow:
+      listen: 127.0.0.1                   # default: loopback only
+      port: 6653
+      tls: {key: ctl.key, cert: ctl.crt, ca: switch-ca.crt}   # optional: ssl: listener, switch certs verified
+    hypervisors:
+      hv1: {ovsdb: "unix:/var/run/openvswitch/db.sock", bridge: br-int, uplinks: [uplink0], set_fail_secure: true}
+    apps: []                              # extra os-ken apps to load, as ryu-manager would
+    log_level: INFO
+
+See docs/running.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from controller.policy.validate import Problem
+
+OVSDB_SCHEMES = ("unix:", "tcp:", "ssl:")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class Tls:
+    key: Path
+    cert: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class HypervisorConfig:
+    name: str
+    ovsdb: str
+    bridge: str
+    uplinks: tuple[str, ...] = ()
+    set_fail_secure: bool = False
+    ovsdb_tls: Tls | None = None  # for ssl: remotes
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    scenario: Path
+    listen: str = "127.0.0.1"
+    port: int = 6653
+    tls: Tls | None = None
+    hypervisors: Mapping[str, HypervisorConfig] = field(default_factory=dict)
+    apps: tuple[str, ...] = ()
+    log_level: str = "INFO"
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _unknown(data: Mapping[str, Any], allowed: tuple[str, ...], where: str, out: list[Problem]) -> None:
+    for key in data:
+        if key not in allowed:
+            out.append(Problem(f"{where}.{key}" if where else str(key), f"unknown key (expected one of {', '.join(allowed)})"))
+
+
+def _tls(data: Any, base: Path, where: str, out: list[Problem]) -> Tls | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        out.append(Problem(where, "must be a mapping with key, cert and ca"))
+        return None
+    _unknown(data, ("key", "cert", "ca"), where, out)
+    paths = {}
+    for k in ("key", "cert", "ca"):
+        v = data.get(k)
+        if not isinstance(v, str):
+            out.append(Problem(f"{where}.{k}", "required: a file path"))
+            continue
+        p = (base / v).resolve()
+        if not p.is_file():
+            out.append(Problem(f"{where}.{k}", f"no such file: {p}"))
+        paths[k] = p
+    return Tls(paths["key"], paths["cert"], paths["ca"]) if len(paths) == 3 else None
+
+
+def parse_config(data: Any, path: Path) -> Config:
+    out: list[Problem] = []
+    base = path.parent
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), [Problem("(top)", "the config must be a YAML mapping")])
+    _unknown(data, ("scenario", "openflow", "hypervisors", "apps", "log_level"), "", out)
+    scenario = data.get("scenario")
+    scenario_path = base
+    if not isinstance(scenario, str):
+        out.append(Problem("scenario", "required: path of the scenario file"))
+    else:
+        scenario_path = (base / scenario).resolve()
+        if not scenario_path.is_file():
+            out.append(Problem("scenario", f"no such file: {scenario_path}"))
+    of = data.get("openflow") or {}
+    listen, port, tls = "127.0.0.1", 6653, None
+    if not isinstance(of, dict):
+        out.append(Problem("openflow", "must be a mapping"))
+    else:
+        _unknown(of, ("listen", "port", "tls"), "openflow", out)
+        listen = of.get("listen", listen)
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            out.append(Problem("openflow.listen", f"{listen!r} is not an IP address"))
+        port = of.get("port", port)
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            out.append(Problem("openflow.port", f"{port!r} is not a port number (1-65535)"))
+        tls = _tls(of.get("tls"), base, "openflow.tls", out)
+    hypervisors = _hypervisors(data.get("hypervisors"), base, out)
+    apps = data.get("apps") or []
+    if not isinstance(apps, list) or not all(isinstance(a, str) for a in apps):
+        out.append(Problem("apps", "must be a list of os-ken app module names"))
+        apps = []
+    level = str(data.get("log_level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        out.append(Problem("log_level", f"{level!r} (expected one of {', '.join(LOG_LEVELS)})"))
+    if out:
+        raise ConfigError(str(path), out)
+    return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level)
+
+
+def _hypervisors(data: Any, base: Path, out: list[Problem]) -> dict[str, HypervisorConfig]:
+    result: dict[str, HypervisorConfig] = {}
+    if not isinstance(data, dict) or not data:
+        out.append(Problem("hypervisors", "required: a mapping of hypervisor name -> {ovsdb, bridge}"))
+        return result
+    for name, hv in data.items():
+        where = f"hypervisors.{name}"
+        if not isinstance(hv, dict):
+            out.append(Problem(where, "must be a mapping with ovsdb and bridge"))
+            continue
+        _unknown(hv, ("ovsdb", "bridge", "uplinks", "set_fail_secure", "tls"), where, out)
+        remote, bridge = hv.get("ovsdb"), hv.get("bridge")
+        if not isinstance(remote, str) or not remote.startswith(OVSDB_SCHEMES):
+            out.append(Problem(f"{where}.ovsdb", f"{remote!r}: use unix:PATH, tcp:IP:PORT or ssl:IP:PORT"))
+        if not isinstance(bridge, str) or not bridge:
+            out.append(Problem(f"{where}.bridge", "required: the bridge name"))
+        uplinks = hv.get("uplinks", [])
+        if not isinstance(uplinks, list) or not all(isinstance(u, str) for u in uplinks):
+            out.append(Problem(f"{where}.uplinks", "must be a list of port names"))
+            uplinks = []
+        secure = hv.get("set_fail_secure", False)
+        if not isinstance(secure, bool):
+            out.append(Problem(f"{where}.set_fail_secure", "must be true or false"))
+        tls = _tls(hv.get("tls"), base, f"{where}.tls", out)
+        if isinstance(remote, str) and remote.startswith("ssl:") and tls is None:
+            out.append(Problem(f"{where}.tls", "an ssl: OVSDB remote needs tls: {key, cert, ca}"))
+        if isinstance(remote, str) and isinstance(bridge, str):
+            result[str(name)] = HypervisorConfig(str(name), remote, bridge, tuple(uplinks), bool(secure), tls)
+    return result
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise ConfigError(str(p), [Problem(str(p), f"cannot read: {exc.strerror}")]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
+        raise ConfigError(str(p), [Problem(where, f"YAML syntax error: {getattr(exc, 'problem', exc)}")]) from None
+    return parse_config(data, p)

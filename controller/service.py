@@ -1,0 +1,175 @@
+"""One Goldilocks process: OVSDB monitors, the os-ken app manager and the engine thread.
+
+Everything that changes state goes through one queue into one engine thread (the single
+writer). The os-ken app and the OVSDB monitors only post events; the engine thread runs the
+pure runtime and hands its switch commands back to the app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import replace
+from typing import Any, Callable
+
+from controller.config import Config
+from controller.engine import Engine
+from controller.events import Event
+from controller.model import Inventory
+from controller.runtime import Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
+from controller.scenario import Scenario
+
+LOG = logging.getLogger("goldilocks.service")
+TICK_SECONDS = 0.25
+
+
+def unbound(inventory: Inventory) -> Inventory:
+    """Inventory with every vNIC unplugged: in a live fleet only OVSDB says what is plugged where."""
+    vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in inventory.vms.items()}
+    hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in inventory.hypervisors.items()}
+    return Inventory(hvs, vms, inventory.gateway)
+
+
+class Service:
+    def __init__(self, config: Config, scenario: Scenario, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.runtime = Runtime(Engine(unbound(scenario.inventory), scenario.directory, scenario.policy, scenario.groups))
+        self._queue: queue.Queue[Event | SwitchEvent | None] = queue.Queue()
+        self._clock = clock
+        self._stop = threading.Event()
+        self._execute: Callable[[SwitchCommand], None] | None = None
+        self._thread: threading.Thread | None = None
+        self.monitors: list[Any] = []
+
+    def post(self, event: Event | SwitchEvent) -> None:
+        self._queue.put(event)
+
+    def attach_southbound(self, execute: Callable[[SwitchCommand], None]) -> None:
+        self._execute = execute
+
+    def start_engine(self) -> None:
+        self._thread = threading.Thread(target=self._engine_loop, name="goldilocks-engine", daemon=True)
+        self._thread.start()
+
+    def start_monitors(self) -> None:
+        from topology.ovsdb import OvsdbMonitor  # the shell's OVSDB client
+
+        for hv in self.config.hypervisors.values():
+            if hv.name not in self.runtime.engine.hypervisor_records():
+                LOG.error("hypervisor %s is in the config but not in the scenario: ignored", hv.name)
+                continue
+            ssl = (str(hv.ovsdb_tls.key), str(hv.ovsdb_tls.cert), str(hv.ovsdb_tls.ca)) if hv.ovsdb_tls else None
+            mon = OvsdbMonitor(hv.name, hv.ovsdb, hv.bridge, lambda ob: self.post(ob.to_event()),
+                               uplinks=hv.uplinks, set_fail_secure=hv.set_fail_secure, ssl=ssl)
+            mon.start()
+            self.monitors.append(mon)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        for mon in self.monitors:
+            mon.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _engine_loop(self) -> None:
+        last_tick = self._clock()
+        while not self._stop.is_set():
+            try:
+                event = self._queue.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                event = Tick()
+            if event is None:
+                break
+            now = self._clock()
+            if not isinstance(event, Tick) and now - last_tick >= TICK_SECONDS:
+                self._run(Tick(), now)
+            if isinstance(event, Tick):
+                last_tick = now
+            self._run(event, now)
+
+    def _run(self, event: Event | SwitchEvent, now: float) -> None:
+        before = {b.hypervisor: b.state for b in self.runtime.bridges()}
+        try:
+            commands = self.runtime.handle(event, now)
+        except Exception:  # one bad event must not stop enforcement for everyone
+            LOG.exception("engine failed on %r", type(event).__name__)
+            return
+        self._log_transitions(before)
+        for cmd in commands:
+            if self._execute is None:
+                LOG.error("no southbound attached; dropping %s", type(cmd).__name__)
+                continue
+            try:
+                self._execute(cmd)
+            except Exception:
+                LOG.exception("southbound failed on %s", type(cmd).__name__)
+
+
+    def _log_transitions(self, before: dict[str, SyncState]) -> None:
+        for b in self.runtime.bridges():
+            if before.get(b.hypervisor) is b.state:
+                continue
+            if b.state is SyncState.IN_SYNC:
+                LOG.info("bridge of %s in sync: %d flows (%d bundles, %d flow mods sent so far)", b.hypervisor,
+                         len(b.installed or ()), b.bundles_sent, b.flow_mods_sent)
+            elif b.state is SyncState.BACKOFF:
+                LOG.error("bridge of %s out of sync, retry in %.1f s: %s", b.hypervisor,
+                          (b.retry_at or 0) - self._clock(), b.last_error)
+            else:
+                LOG.info("bridge of %s: %s", b.hypervisor, b.state.value)
+
+
+def configure_os_ken(config: Config) -> None:
+    """os-ken reads its listener settings from oslo.config; set them before apps load."""
+    from os_ken import cfg
+
+    conf = cfg.CONF
+    conf(args=[], project="os_ken", default_config_files=[])
+    conf.set_override("ofp_listen_host", config.listen)
+    if config.tls is None:
+        conf.set_override("ofp_tcp_listen_port", config.port)
+    else:
+        conf.set_override("ofp_ssl_listen_port", config.port)
+        conf.set_override("ofp_tcp_listen_port", config.port)
+        conf.set_override("ctl_privkey", str(config.tls.key))
+        conf.set_override("ctl_cert", str(config.tls.cert))
+        conf.set_override("ca_certs", str(config.tls.ca))
+
+
+def run(config: Config, scenario: Scenario) -> int:
+    """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops."""
+    from os_ken.base import app_manager
+
+    import apps.goldilocks_app as app_module
+    from apps.guard import install_guard
+
+    configure_os_ken(config)
+    install_guard(logging.getLogger("goldilocks.guard"))
+    service = Service(config, scenario)
+    app_module.attach(service)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    manager = app_manager.AppManager.get_instance()
+    manager.load_apps(["apps.goldilocks_app", *config.apps])
+    contexts = manager.create_contexts()
+    manager.instantiate_apps(**contexts)
+    app = app_module.southbound()
+    assert app is not None
+    service.attach_southbound(app.execute)
+    service.start_engine()
+    service.start_monitors()
+    LOG.info("Goldilocks running: OpenFlow on %s:%d%s, %d hypervisors", config.listen, config.port,
+             " (TLS)" if config.tls else "", len(config.hypervisors))
+    stop.wait()
+    LOG.info("stopping; flows stay on the switches (fail_mode=secure)")
+    service.stop()
+    logging.shutdown()
+    # os-ken's native hub threads are not daemons and cannot be joined cleanly.
+    os._exit(0)
