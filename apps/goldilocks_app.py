@@ -1,0 +1,258 @@
+"""The Goldilocks os-ken app: a thin shim between OpenFlow switches and the runtime.
+
+It turns switch messages into runtime events (posted to the service's single writer queue) and
+executes the runtime's switch commands: flow dumps under the Goldilocks cookie prefix, and every
+change as one atomic bundle followed by a barrier. It holds no policy state of its own; it never
+installs a table-miss flow and never flushes a table.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from os_ken.base import app_manager
+from os_ken.controller import ofp_event
+from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+from os_ken.ofproto import ofproto_v1_3, ofproto_v1_4
+
+from apps.ofcodec import DecodeError, decode_flow_stats, flow_mod, flow_stats_request
+from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_kind, cookie_ident
+from controller.flows.reconcile import FlowOp
+from controller.flows.types import FlowSpec
+from controller.runtime import (
+    BundleCommitted, BundleFailed, FlowsDumped, FlushConntrack, RequestDump, SendBundle,
+    SwitchCommand, SwitchConnected, SwitchDisconnected, SwitchEvent,
+)
+
+LOG = logging.getLogger("goldilocks.southbound")
+
+NX_VENDOR_ID = 0x00002320
+NXT_CT_FLUSH_ZONE = 29
+
+
+class Sink(Protocol):
+    """Where switch events go: the service's queue, drained by the one engine thread."""
+
+    def post(self, event: SwitchEvent) -> None: ...
+
+
+_sink: Sink | None = None
+
+
+def attach(sink: Sink) -> None:
+    """Called by the launcher before os-ken instantiates the app."""
+    global _sink
+    _sink = sink
+
+
+@dataclass
+class _Bundle:
+    id: int
+    ops: dict[int, FlowOp]  # xid of each add message -> the op it carries
+    commit_xid: int | None = None
+    barrier_xid: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Switch:
+    datapath: Any
+    dump: list[FlowSpec] = field(default_factory=list)
+    undecodable: int = 0
+    bundle: _Bundle | None = None
+
+
+class GoldilocksApp(app_manager.OSKenApp):
+    OFP_VERSIONS = [ofproto_v1_4.OFP_VERSION, ofproto_v1_3.OFP_VERSION]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if _sink is None:
+            raise RuntimeError("apps.goldilocks_app.attach(service) must run before os-ken loads the app")
+        self.sink: Sink = _sink
+        self._switches: dict[int, _Switch] = {}
+        self._lock = threading.Lock()  # handlers run on each switch's thread; commands on the engine's
+        register_southbound(self)
+
+    # ---- switch -> runtime -------------------------------------------------------------------
+
+    @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
+    def _features(self, ev: Any) -> None:
+        dp = ev.msg.datapath
+        with self._lock:
+            self._switches[dp.id] = _Switch(dp)
+        LOG.info("switch %016x connected (OpenFlow 0x%02x) from %s", dp.id, dp.ofproto.OFP_VERSION, dp.address)
+        self.sink.post(SwitchConnected(dp.id))
+
+    @set_ev_cls(ofp_event.EventOFPStateChange, DEAD_DISPATCHER)
+    def _gone(self, ev: Any) -> None:
+        dp = ev.datapath
+        if dp.id is None:
+            return
+        with self._lock:
+            sw = self._switches.get(dp.id)
+            if sw is None or sw.datapath is not dp:
+                return  # an older connection of a switch that has since reconnected
+            del self._switches[dp.id]
+        LOG.warning("switch %016x disconnected; its flows stay (fail_mode=secure)", dp.id)
+        self.sink.post(SwitchDisconnected(dp.id))
+
+    @set_ev_cls(ofp_event.EventOFPFlowStatsReply, MAIN_DISPATCHER)
+    def _flow_stats(self, ev: Any) -> None:
+        dp = ev.msg.datapath
+        with self._lock:
+            sw = self._switches.get(dp.id)
+            if sw is None:
+                return
+            for stats in ev.msg.body:
+                try:
+                    sw.dump.append(decode_flow_stats(stats))
+                except DecodeError as exc:
+                    sw.undecodable += 1
+                    LOG.warning("switch %016x: flow under our cookie we cannot read (%s); it will be replaced", dp.id, exc)
+            if ev.msg.flags & dp.ofproto.OFPMPF_REPLY_MORE:
+                return
+            flows, bad = frozenset(sw.dump), sw.undecodable
+            sw.dump, sw.undecodable = [], 0
+        self.sink.post(FlowsDumped(dp.id, flows, bad))
+
+    @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
+    def _error(self, ev: Any) -> None:
+        msg = ev.msg
+        dp = msg.datapath
+        with self._lock:
+            sw = self._switches.get(dp.id)
+            bundle = sw.bundle if sw is not None else None
+            if bundle is None:
+                LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
+                return
+            op = bundle.ops.get(msg.xid)
+            if op is not None:
+                bundle.errors.append(describe_rejection(op, error_name(dp.ofproto, msg.type, msg.code)))
+                return
+            if msg.xid not in (bundle.commit_xid, bundle.barrier_xid):
+                LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
+                return
+            sw.bundle = None
+            reason = "; ".join(bundle.errors) or f"bundle refused ({error_name(dp.ofproto, msg.type, msg.code)})"
+        LOG.error("switch %016x: bundle %d failed, table left as it was: %s", dp.id, bundle.id, reason)
+        self.sink.post(BundleFailed(dp.id, bundle.id, reason))
+
+    @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
+    def _barrier(self, ev: Any) -> None:
+        dp = ev.msg.datapath
+        with self._lock:
+            sw = self._switches.get(dp.id)
+            bundle = sw.bundle if sw is not None else None
+            if bundle is None or ev.msg.xid != bundle.barrier_xid:
+                return
+            sw.bundle = None
+        if bundle.errors:
+            self.sink.post(BundleFailed(dp.id, bundle.id, "; ".join(bundle.errors)))
+        else:
+            self.sink.post(BundleCommitted(dp.id, bundle.id))
+
+    # ---- runtime -> switch -------------------------------------------------------------------
+
+    def execute(self, command: SwitchCommand) -> None:
+        with self._lock:
+            sw = self._switches.get(command.dpid)
+            if sw is None:
+                return  # it went away; its reconnect will dump and reconcile
+            if isinstance(command, RequestDump):
+                self._request_dump(sw)
+            elif isinstance(command, SendBundle):
+                self._send_bundle(sw, command)
+            elif isinstance(command, FlushConntrack):
+                self._flush_zones(sw, command.zones)
+
+    def _request_dump(self, sw: _Switch) -> None:
+        dp = sw.datapath
+        sw.dump, sw.undecodable = [], 0
+        dp.send_msg(flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
+
+    def _send_bundle(self, sw: _Switch, command: SendBundle) -> None:
+        dp = sw.datapath
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        bundle = _Bundle(command.bundle, {})
+        sw.bundle = bundle
+        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED if ofp.OFP_VERSION == ofproto_v1_3.OFP_VERSION \
+            else ofp.OFPBF_ATOMIC | ofp.OFPBF_ORDERED
+        bid = command.bundle & 0xFFFFFFFF
+        dp.send_msg(_bundle_ctrl(dp, bid, "OPEN", flags))
+        for op in command.ops:
+            add = _bundle_add(dp, bid, flags, flow_mod(ofp, parser, dp, op))
+            dp.set_xid(add)
+            bundle.ops[add.xid] = op
+            dp.send_msg(add)
+        commit = _bundle_ctrl(dp, bid, "COMMIT", flags)
+        dp.set_xid(commit)
+        bundle.commit_xid = commit.xid
+        dp.send_msg(commit)
+        barrier = parser.OFPBarrierRequest(dp)
+        dp.set_xid(barrier)
+        bundle.barrier_xid = barrier.xid
+        dp.send_msg(barrier)
+        LOG.info("switch %016x: bundle %d with %d flow mods", dp.id, command.bundle, len(command.ops))
+
+    def _flush_zones(self, sw: _Switch, zones: tuple[int, ...]) -> None:
+        dp = sw.datapath
+        for zone in zones:
+            dp.send_msg(dp.ofproto_parser.OFPExperimenter(
+                dp, NX_VENDOR_ID, NXT_CT_FLUSH_ZONE, struct.pack("!H6x", zone)))
+
+
+_SOUTHBOUND: list[GoldilocksApp] = []
+
+
+def register_southbound(app: GoldilocksApp) -> None:
+    _SOUTHBOUND.append(app)
+
+
+def southbound() -> GoldilocksApp | None:
+    return _SOUTHBOUND[-1] if _SOUTHBOUND else None
+
+
+def describe_rejection(op: FlowOp, error: str) -> str:
+    f = op.flow
+    kind = cookie_kind(f.cookie)
+    owner = f"cookie {f.cookie:#x}" if kind is None else f"{kind.name.lower()} {cookie_ident(f.cookie):#x}"
+    origin = f" ({f.origin})" if f.origin else ""
+    return f"switch refused {op.kind.value} of flow table={f.table} priority={f.priority} from {owner}{origin}: {error}"
+
+
+_ERROR_CODE_PREFIX = {
+    "OFPET_BAD_REQUEST": "OFPBRC_", "OFPET_BAD_ACTION": "OFPBAC_", "OFPET_BAD_INSTRUCTION": "OFPBIC_",
+    "OFPET_BAD_MATCH": "OFPBMC_", "OFPET_FLOW_MOD_FAILED": "OFPFMFC_", "OFPET_BUNDLE_FAILED": "OFPBFC_",
+    "OFPET_TABLE_FEATURES_FAILED": "OFPTFFC_",
+}
+
+
+def error_name(ofp: Any, err_type: int, err_code: int) -> str:
+    """"OFPET_FLOW_MOD_FAILED/OFPFMFC_TABLE_FULL" rather than "type=5 code=1"."""
+    tname = next((n for n in dir(ofp) if n.startswith("OFPET_") and getattr(ofp, n) == err_type), None)
+    prefix = _ERROR_CODE_PREFIX.get(tname or "")
+    cname = next((n for n in dir(ofp) if prefix and n.startswith(prefix) and getattr(ofp, n) == err_code), None)
+    if tname and cname:
+        return f"{tname}/{cname}"
+    return f"error type={err_type} code={err_code}"
+
+
+def _bundle_ctrl(dp: Any, bundle_id: int, what: str, flags: int) -> Any:
+    ofp, parser = dp.ofproto, dp.ofproto_parser
+    if ofp.OFP_VERSION == ofproto_v1_3.OFP_VERSION:
+        kind = getattr(ofp, f"ONF_BCT_{what}_REQUEST")
+        return parser.ONFBundleCtrlMsg(dp, bundle_id, kind, flags, [])
+    kind = getattr(ofp, f"OFPBCT_{what}_REQUEST")
+    return parser.OFPBundleCtrlMsg(dp, bundle_id, kind, flags, [])
+
+
+def _bundle_add(dp: Any, bundle_id: int, flags: int, message: Any) -> Any:
+    parser = dp.ofproto_parser
+    if dp.ofproto.OFP_VERSION == ofproto_v1_3.OFP_VERSION:
+        return parser.ONFBundleAddMsg(dp, bundle_id, flags, message, [])
+    return parser.OFPBundleAddMsg(dp, bundle_id, flags, message, [])
