@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from controller.commands import Command, FlushZones, ProgramBridge
 from controller.events import (
@@ -23,7 +23,7 @@ from controller.flows.reconcile import FlowOp, diff, plan
 from controller.flows.types import FlowSpec
 from controller.identity.graph import Directory, effective_vm
 from controller.identity.groups import GroupDef, GroupIndex
-from controller.model import VM, Gateway, Hypervisor, Inventory, Provenance
+from controller.model import VM, Attr, Gateway, Hypervisor, Inventory, Provenance
 from controller.policy.schema import AnyEndpoint, AppService, GroupEndpoint, Policy, Rule
 
 
@@ -60,6 +60,8 @@ class _Change:
     """What one event touched, to decide which parts to recompute."""
 
     vms: frozenset[str] = frozenset()  # uuids whose record or facts changed
+    readdressed: frozenset[str] = frozenset()  # ...whose vNICs, addresses, ports or hypervisor changed
+    reapped: frozenset[str] = frozenset()  # ...whose app ports changed
     old_vms: tuple[VM, ...] = ()  # their previous effective records (for vanished vNICs)
     groups: frozenset[str] = frozenset()  # groups whose membership changed
     rules: frozenset[str] = frozenset()  # rule ids added, removed or changed
@@ -88,9 +90,15 @@ class Engine:
     # ---- reading -----------------------------------------------------------------------------
 
     def world(self) -> World:
+        """An immutable snapshot, safe to hand to readers on other threads."""
         members = {g: self._index.members(g) for g in self._groups}
         inventory = Inventory(dict(self._hypervisors), dict(self._effective), self._gateway)
         return World(inventory, members, self._policy)
+
+    def _view(self) -> World:
+        """The current world without copying, for the engine's own use within one event."""
+        inventory = Inventory(self._hypervisors, self._effective, self._gateway)
+        return World(inventory, _MembersView(self._index, self._groups), self._policy)
 
     @property
     def groups(self) -> Mapping[str, GroupDef]:
@@ -113,7 +121,7 @@ class Engine:
 
     def handle(self, event: Event) -> list[Command]:
         change = self._apply(event)
-        world = self.world()
+        world = self._view()
         commands: list[Command] = []
         for hv in sorted(self._hypervisors):
             ops = self._recompute(hv, change, world)
@@ -192,6 +200,8 @@ class Engine:
         touched = set(self._raw) if rederive else set(updates)
         old: list[VM] = []
         changed_vms: set[str] = set()
+        readdressed: set[str] = set()
+        reapped: set[str] = set()
         changed_groups: set[str] = set()
         for uuid in touched:
             before = self._effective.get(uuid)
@@ -200,6 +210,10 @@ class Engine:
             if before == after:
                 continue
             changed_vms.add(uuid)
+            if _addressing(before) != _addressing(after):
+                readdressed.add(uuid)
+            if _apps(before) != _apps(after):
+                reapped.add(uuid)
             if before is not None:
                 old.append(before)
             if after is None:
@@ -208,7 +222,8 @@ class Engine:
             else:
                 self._effective[uuid] = after
                 changed_groups |= self._index.update_vm(after)
-        return _Change(vms=frozenset(changed_vms), old_vms=tuple(old), groups=frozenset(changed_groups))
+        return _Change(vms=frozenset(changed_vms), readdressed=frozenset(readdressed), reapped=frozenset(reapped),
+                       old_vms=tuple(old), groups=frozenset(changed_groups))
 
     def _change_policy(self, policy: Policy, groups: Mapping[str, GroupDef]) -> _Change:
         before = {r.id: r for r in self._policy.rules}
@@ -224,7 +239,7 @@ class Engine:
 
     def _rebuild_bridge(self, hv: str, world: World | None = None) -> tuple[set[FlowSpec], set[FlowSpec]]:
         bridge = self._bridges.setdefault(hv, BridgeFlows())
-        fresh = bridge_parts(world or self.world(), hv)
+        fresh = bridge_parts(world or self._view(), hv)
         added: set[FlowSpec] = set()
         removed: set[FlowSpec] = set()
         for key in set(bridge.parts) | set(fresh):
@@ -273,17 +288,50 @@ class Engine:
         return added - removed, removed - added
 
     def _rule_affected(self, rule: Rule, change: _Change, world: World) -> bool:
-        if not change.vms and not change.groups:
+        """A rule's flows read its groups' members, their addresses and (app rules) app ports."""
+        touched = change.readdressed
+        if any(isinstance(s, AppService) for s in rule.services):
+            touched = touched | change.reapped
+            if isinstance(rule.destination, AnyEndpoint) and touched:
+                return True  # every VM's app ports feed this rule
+        if not touched and not change.groups:
             return False
-        if isinstance(rule.destination, AnyEndpoint) and any(isinstance(s, AppService) for s in rule.services):
-            return bool(change.vms)  # app ports of every VM feed this rule
         for ep in (rule.source, rule.destination):
             if isinstance(ep, GroupEndpoint):
                 if ep.group in change.groups:
                     return True
-                if change.vms & world.members.get(ep.group, frozenset()):
+                if touched and touched & world.members.get(ep.group, frozenset()):
                     return True
         return False
+
+
+class _MembersView(Mapping[str, frozenset[str]]):
+    """Group members read through from the index, each group copied at most once per event."""
+
+    def __init__(self, index: GroupIndex, groups: Mapping[str, GroupDef]) -> None:
+        self._index, self._groups, self._cache = index, groups, {}  # type: ignore[var-annotated]
+
+    def __getitem__(self, group: str) -> frozenset[str]:
+        if group not in self._groups:
+            raise KeyError(group)
+        found = self._cache.get(group)
+        if found is None:
+            found = self._cache[group] = self._index.members(group)
+        return found
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._groups)
+
+    def __len__(self) -> int:
+        return len(self._groups)
+
+
+def _addressing(vm: VM | None) -> object:
+    return None if vm is None else (vm.hypervisor, vm.vnics)
+
+
+def _apps(vm: VM | None) -> object:
+    return None if vm is None else frozenset(f for f in vm.facts if f.attr is Attr.APP)
 
 
 def _bind(vm: VM, hypervisor: str, bound: Mapping[tuple[str, str], int]) -> VM:

@@ -8,7 +8,7 @@ each part depends only on the inputs it names. docs/pipeline.md walks a packet t
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from controller.flows.pipeline import (
@@ -36,6 +36,9 @@ class World:
     inventory: Inventory
     members: Mapping[str, frozenset[str]]  # group name -> VM uuids
     policy: Policy
+    # Per-world memo of what does not depend on the hypervisor (a group's addresses), so a
+    # fleet compile or one event's recompute builds each only once.
+    memo: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 def _flow(table: Table, priority: int, match: Match, actions: Iterable[Action], ck: int, origin: str) -> FlowSpec:
@@ -207,7 +210,13 @@ def _remote_dimension(world: World, ep: Endpoint, field: str) -> Dimension | Non
         return None
     if isinstance(ep, CidrEndpoint):
         return _cidr_dimension(ep, field)
-    return tuple(Match.of(eth_type=ETH_TYPE_IP, **{field: ip}) for ip in _ips(_members(world, ep)))
+    key = ("remote", ep.group, field)
+    found = world.memo.get(key)
+    if found is None:
+        ip_type = MatchField("eth_type", ETH_TYPE_IP)
+        found = tuple(Match((ip_type, MatchField(field, ip_to_int(ip)))) for ip in _ips(_members(world, ep)))
+        world.memo[key] = found
+    return found  # type: ignore[return-value]
 
 
 def _cidr_dimension(ep: CidrEndpoint, field: str) -> Dimension | None:

@@ -9,6 +9,7 @@ two rules producing the same flow produce one flow.
 from __future__ import annotations
 
 import ipaddress
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -56,6 +57,7 @@ FIELD_BITS: dict[str, int] = {
 FIELD_ORDER: dict[str, int] = {name: i for i, name in enumerate(FIELD_BITS)}
 
 
+@lru_cache(maxsize=1 << 16)
 def mac_to_int(mac: str) -> int:
     return int(mac.replace(":", "").replace("-", ""), 16)
 
@@ -65,6 +67,7 @@ def int_to_mac(value: int) -> str:
     return ":".join(raw[i : i + 2] for i in range(0, 12, 2))
 
 
+@lru_cache(maxsize=1 << 16)
 def ip_to_int(ip: str) -> int:
     return int(ipaddress.IPv4Address(ip))
 

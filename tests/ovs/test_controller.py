@@ -1,0 +1,303 @@
+"""The controller process on real OVS: two netdev bridges stand in for two hypervisors, VMs are
+network namespaces on veth ports carrying libvirt-style external_ids, and `goldilocks run` is
+started by the test as a user would start it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import yaml
+
+from controller.engine import Engine
+from controller.flows.render import render_flows
+from controller.policy.explain import explain
+from controller.scenario import Scenario, load_scenario
+from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "finance-identity.yaml"
+FIXTURES = ROOT / "tests" / "fixtures" / "malformed"
+GOLDILOCKS = [sys.executable, "-m", "controller.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@dataclass
+class Lab:
+    ovs: OvsSandbox
+    scenario: Scenario
+    bridges: dict[str, str]
+    uplinks: dict[str, str]
+    tmp: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    starts: int = 0
+
+    def config(self) -> Path:
+        path = self.tmp / "goldilocks.yaml"
+        path.write_text(yaml.safe_dump({
+            "scenario": str(EXAMPLE),
+            "openflow": {"listen": "127.0.0.1", "port": self.port},
+            "hypervisors": {hv: {"ovsdb": f"unix:{self.ovs.dir}/db.sock", "bridge": br, "uplinks": [self.uplinks[hv]]}
+                            for hv, br in self.bridges.items()},
+            "log_level": "INFO",
+        }))
+        return path
+
+    def start(self) -> None:
+        self.starts += 1
+        self.log_path = self.tmp / f"controller-{self.starts}.log"
+        log = open(self.log_path, "wb")
+        # ovs-vswitchd lives in the sandbox's network namespace: so does its controller.
+        self.proc = subprocess.Popen(["ip", "netns", "exec", self.ovs.netns, *GOLDILOCKS, "run",
+                                      "--config", str(self.config())], cwd=ROOT,
+                                     stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def expected(self, scenario: Scenario | None = None) -> dict[str, frozenset]:
+        sc = scenario or self.scenario
+        engine = Engine(sc.inventory, sc.directory, sc.policy, sc.groups)
+        return {hv: engine.desired(hv) for hv in self.bridges}
+
+    def normalized(self, flows: frozenset) -> list[str]:
+        """What OVS shows for these flows: load them into a scratch bridge and dump it."""
+        scratch = "glscratch"
+        if scratch not in self.ovs.bridges:
+            self.ovs.add_bridge(scratch)
+        self.ovs.replace_flows(scratch, render_flows(flows))
+        return sorted(self.ovs.dump_flows(scratch))
+
+    def installed(self, hv: str) -> list[str]:
+        return sorted(self.ovs.dump_flows(self.bridges[hv]))
+
+    def converged(self, expected: dict[str, frozenset] | None = None) -> None:
+        want = {hv: self.normalized(f) for hv, f in (expected or self.expected()).items()}
+        wait_for("bridges to hold exactly the desired flows", lambda: all(self.installed(hv) == want[hv] for hv in want))
+
+
+@pytest.fixture
+def lab(ovs: OvsSandbox, bridge_factory, tmp_path: Path) -> Iterator[Lab]:
+    sc = load_scenario(EXAMPLE)
+    bridges = {hv.name: bridge_factory(f"gl{hv.name}", dpid=hv.dpid) for hv in sc.inventory.hypervisors.values()}
+    link = ovs.add_patch_or_veth_link(bridges["hv1"], 100, bridges["hv2"], 100)
+    lab = Lab(ovs, sc, bridges, {"hv1": link.port_a, "hv2": link.port_b}, tmp_path)
+    for vm in sc.inventory.vms.values():
+        plug(lab, vm.name, vm.hypervisor, vm.name)
+    for br in bridges.values():
+        ovs.vsctl("set-controller", br, f"tcp:127.0.0.1:{lab.port}", "--", "set", "Controller", br,
+                  "connection-mode=out-of-band")
+    yield lab
+    if lab.proc is not None and lab.proc.poll() is None:
+        lab.proc.kill()
+        lab.proc.wait(timeout=10)
+    if "glscratch" in ovs.bridges:
+        ovs.del_bridge("glscratch")
+
+
+def plug(lab: Lab, vm_name: str, hv: str, port_name: str, ofport: int | None = None) -> VmPort:
+    vm = lab.scenario.inventory.vm_by_name(vm_name)
+    assert vm is not None
+    nic = vm.vnics[0]
+    return lab.ovs.add_vm_port(lab.bridges[hv], port_name[:15], mac=nic.mac, ip=f"{nic.ips[0]}/24",
+                               ofport=ofport or nic.ofport,
+                               external_ids={"iface-id": f"{vm.uuid}-{nic.mac}", "attached-mac": nic.mac, "vm-id": vm.uuid})
+
+
+def vm_ip(lab: Lab, name: str) -> str:
+    vm = lab.scenario.inventory.vm_by_name(name)
+    assert vm is not None
+    return vm.ips[0]
+
+
+def test_bridges_converge_to_desired_flows_and_enforce_policy(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    world = Engine(lab.scenario.inventory, lab.scenario.directory, lab.scenario.policy, lab.scenario.groups).world()
+    vms = {vm.name: vm for vm in world.inventory.vms.values()}
+    ledger = lab.ovs.vms["ledger-db"]
+    with tcp_server(ledger, 5432):
+        for src in ("fin-desk1", "fin-desk2", "eng-desk1"):
+            want = explain(world, lab.scenario.groups, vms[src], vms["ledger-db"], "tcp", 5432).allowed
+            assert tcp_connect(lab.ovs.vms[src], vm_ip(lab, "ledger-db"), 5432, timeout=1.5) == want, src
+            want = explain(world, lab.scenario.groups, vms[src], vms["ledger-db"], "icmp", 0).allowed
+            assert ping(lab.ovs.vms[src], vm_ip(lab, "ledger-db")) == want, src
+    assert not ping(lab.ovs.vms["fin-desk1"], vm_ip(lab, "fin-desk2"))
+    # Flows Goldilocks did not install are left alone.
+    for br in lab.bridges.values():
+        assert any("cookie=0x601d" in line for line in lab.ovs.dump_flows(br))
+
+
+def test_foreign_flows_survive_and_unknown_switch_changes_nothing(lab: Lab) -> None:
+    foreign = "table=200,priority=7,cookie=0x1234,ip,nw_dst=192.0.2.1 actions=drop"
+    lab.ovs.add_flows(lab.bridges["hv1"], foreign)
+    lab.start()
+    want = lab.normalized(lab.expected()["hv1"])
+    wait_for("hv1 converged", lambda: [l for l in lab.installed("hv1") if "cookie=0x1234" not in l] == want)
+    assert any("cookie=0x1234" in line for line in lab.installed("hv1")), "a foreign flow was deleted"
+
+
+def test_kill9_keeps_enforcing_and_restart_deletes_nothing(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    allowed_src, denied_src = lab.ovs.vms["fin-desk2"], lab.ovs.vms["eng-desk1"]
+    ledger_ip = vm_ip(lab, "ledger-db")
+    # Allowed pings run across the outage; the denied probe tries tcp/5432 throughout.
+    pinger = allowed_src.popen(["ping", "-n", "-i", "0.1", "-c", "60", "-W", "1", ledger_ip],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with tcp_server(lab.ovs.vms["ledger-db"], 5432):
+        time.sleep(1.0)
+        lab.kill9()
+        denied = [tcp_connect(denied_src, ledger_ip, 5432, timeout=0.5) for _ in range(4)]
+        monitor = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{lab.ovs.dir}/{lab.bridges['hv1']}.mgmt",
+                                    "watch:"], env=lab.ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        monitor2 = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{lab.ovs.dir}/{lab.bridges['hv2']}.mgmt",
+                                     "watch:"], env=lab.ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(0.5)
+        lab.start()
+        wait_for("the restarted controller to find both bridges in sync",
+                 lambda: lab.log().count("in sync") >= 2, timeout=20)
+        denied += [tcp_connect(denied_src, ledger_ip, 5432, timeout=0.5) for _ in range(2)]
+        time.sleep(0.5)
+        for m in (monitor, monitor2):
+            m.terminate()
+        changes = [line for m in (monitor, monitor2) for line in m.communicate(timeout=10)[0].decode().splitlines()
+                   if "event=" in line and "event=INITIAL" not in line]
+    out, _ = pinger.communicate(timeout=30)
+    text = out.decode()
+    assert " 0% packet loss" in text, f"allowed pings were lost across the controller outage:\n{text}"
+    assert not any(denied), "a denied connection succeeded during the outage or the restart"
+    assert changes == [], "the restart changed flows:\n" + "\n".join(changes)
+    lab.converged()
+
+
+def test_new_vm_on_a_reused_ofport_gets_only_its_own_policy(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    ledger_ip = vm_ip(lab, "ledger-db")
+    with tcp_server(lab.ovs.vms["ledger-db"], 5432):
+        assert tcp_connect(lab.ovs.vms["fin-desk1"], ledger_ip, 5432)
+        old_ofport = lab.scenario.inventory.vm_by_name("fin-desk1").vnics[0].ofport
+        lab.ovs.del_vm_port("fin-desk1")
+        lab.ovs.del_vm_port("eng-desk1")  # eng-desk1 moves to hv1 and lands on fin-desk1's old port
+        newcomer = plug(lab, "eng-desk1", "hv1", "eng-desk1", ofport=old_ofport)
+        expected = moved_expected(lab, {"fin-desk1": None, "eng-desk1": ("hv1", old_ofport)})
+        lab.converged(expected)
+        assert not tcp_connect(newcomer, ledger_ip, 5432, timeout=1.0), "the newcomer inherited fin-desk1's grant"
+        assert ping(newcomer, ledger_ip), "the newcomer keeps its own (desktop) access"
+
+
+def moved_expected(lab: Lab, moves: dict[str, tuple[str, int] | None]) -> dict[str, frozenset]:
+    """Expected flows after VMs are unplugged (None) or plugged elsewhere."""
+    from dataclasses import replace as _replace
+
+    from controller.model import Inventory
+
+    inv = lab.scenario.inventory
+    vms = dict(inv.vms)
+    for name, where in moves.items():
+        vm = inv.vm_by_name(name)
+        if where is None:
+            vms[vm.uuid] = _replace(vm, vnics=tuple(_replace(n, ofport=None) for n in vm.vnics))
+        else:
+            hv, ofport = where
+            vms[vm.uuid] = _replace(vm, hypervisor=hv, vnics=(_replace(vm.vnics[0], ofport=ofport),))
+    sc = _replace(lab.scenario, inventory=Inventory(inv.hypervisors, vms, inv.gateway))
+    return lab.expected(sc)
+
+
+def test_a_bundle_the_switch_rejects_changes_nothing_and_is_retried(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    br = lab.bridges["hv1"]
+    count0 = sum(1 for l in lab.ovs.dump_flows(br) if "table=0," in l.replace(" ", ""))
+    lab.ovs.vsctl("--", "--id=@ft", "create", "Flow_Table", f"flow_limit={count0}", "overflow_policy=refuse",
+                  "--", "set", "Bridge", br, "flow_tables:0=@ft")
+    before = lab.installed("hv1")
+    # eng-desk1 moves to hv1: hv1's classifier needs more flows than table 0 may hold.
+    lab.ovs.del_vm_port("eng-desk1")
+    plug(lab, "eng-desk1", "hv1", "eng-desk1", ofport=7)
+    expected = moved_expected(lab, {"eng-desk1": ("hv1", 7)})
+    wait_for("the rejected bundle to be reported", lambda: "bundle" in lab.log() and "failed" in lab.log(), timeout=20)
+    assert lab.installed("hv1") == before, "a failed bundle changed the table"
+    want2 = lab.normalized(expected["hv2"])
+    wait_for("hv2 to converge regardless", lambda: lab.installed("hv2") == want2)
+    assert "switch refused add of flow table=0" in lab.log(), "the error names the refused flow"
+    lab.ovs.vsctl("clear", "Bridge", br, "flow_tables")
+    lab.converged(expected)
+
+
+SEND_AND_WAIT_CLOSE = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(bytes.fromhex("0500000800000001"))  # our OF1.4 hello first
+s.sendall(bytes.fromhex(sys.argv[2]))
+start = time.monotonic()
+s.settimeout(1)
+while time.monotonic() - start < 8:
+    try:
+        if not s.recv(65536):
+            print(f"closed after {time.monotonic() - start:.2f} s"); sys.exit(0)
+    except socket.timeout:
+        continue
+    except ConnectionResetError:
+        print(f"closed (reset) after {time.monotonic() - start:.2f} s"); sys.exit(0)
+print("still open after 8 s")
+"""
+
+
+def test_malformed_openflow_messages_do_not_hang_the_controller(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    payloads = sorted(FIXTURES.glob("*.hex"))
+    assert payloads, "the malformed-message fixtures are missing"
+    for path in payloads:
+        hexes = [l.strip() for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+        proc = subprocess.run(["ip", "netns", "exec", lab.ovs.netns, sys.executable, "-c", SEND_AND_WAIT_CLOSE,
+                               str(lab.port), "".join(hexes)], capture_output=True, text=True, timeout=60)
+        assert proc.stdout.startswith("closed"), f"{path.name}: the controller did not close the connection: {proc.stdout}{proc.stderr}"
+        assert lab.proc is not None and lab.proc.poll() is None, f"{path.name}: the controller died"
+    # The controller still manages its switches: a change still reaches the bridges.
+    lab.ovs.del_vm_port("fin-desk2")
+    lab.converged(moved_expected(lab, {"fin-desk2": None}))
+
+
+def test_sigterm_stops_cleanly_and_leaves_the_flows(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    before = {hv: lab.installed(hv) for hv in lab.bridges}
+    assert lab.proc is not None
+    lab.proc.send_signal(signal.SIGTERM)
+    assert lab.proc.wait(timeout=15) == 0
+    assert {hv: lab.installed(hv) for hv in lab.bridges} == before
+    assert ping(lab.ovs.vms["fin-desk1"], vm_ip(lab, "ledger-db"))
+    assert os.path.exists(lab.log_path)
