@@ -7,8 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv)
-TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn)
+APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv openssl)
+TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn openssl)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

@@ -52,6 +52,8 @@ class Lab:
     uplinks: dict[str, str]
     tmp: Path
     port: int = field(default_factory=free_port)
+    tls: dict[str, str] | None = None
+    apps: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     starts: int = 0
@@ -60,7 +62,8 @@ class Lab:
         path = self.tmp / "goldilocks.yaml"
         path.write_text(yaml.safe_dump({
             "scenario": str(EXAMPLE),
-            "openflow": {"listen": "127.0.0.1", "port": self.port},
+            "openflow": {"listen": "127.0.0.1", "port": self.port, **({"tls": self.tls} if self.tls else {})},
+            "apps": self.apps,
             "hypervisors": {hv: {"ovsdb": f"unix:{self.ovs.dir}/db.sock", "bridge": br, "uplinks": [self.uplinks[hv]]}
                             for hv, br in self.bridges.items()},
             "log_level": "INFO",
@@ -301,3 +304,85 @@ def test_sigterm_stops_cleanly_and_leaves_the_flows(lab: Lab) -> None:
     assert {hv: lab.installed(hv) for hv in lab.bridges} == before
     assert ping(lab.ovs.vms["fin-desk1"], vm_ip(lab, "ledger-db"))
     assert os.path.exists(lab.log_path)
+
+
+def test_openflow13_switches_get_bundles_through_the_onf_extension(lab: Lab) -> None:
+    for br in lab.bridges.values():
+        lab.ovs.vsctl("set", "Bridge", br, "protocols=OpenFlow13")
+    lab.start()
+    want = {hv: len(f) for hv, f in lab.expected().items()}
+
+    def count13(hv: str) -> int:
+        out = subprocess.run(["ovs-ofctl", "-O", "OpenFlow13", "--no-stats", "dump-flows",
+                              f"unix:{lab.ovs.dir}/{lab.bridges[hv]}.mgmt"], env=lab.ovs.env,
+                             capture_output=True, text=True).stdout
+        return sum(1 for line in out.splitlines() if "actions=" in line)
+
+    wait_for("OpenFlow 1.3 bridges to fill", lambda: all(count13(hv) == n for hv, n in want.items()))
+    assert "(OpenFlow 0x04)" in lab.log() and "(OpenFlow 0x05)" not in lab.log()
+    # Back to 1.4: the reconnect finds exactly the desired flows and changes nothing.
+    for br in lab.bridges.values():
+        lab.ovs.vsctl("set", "Bridge", br, "protocols=OpenFlow13,OpenFlow14")
+    wait_for("reconnect over OpenFlow 1.4", lambda: "(OpenFlow 0x05)" in lab.log())
+    lab.converged()
+    wait_for("both bridges in sync again", lambda: lab.log().count("in sync") >= 4)
+    assert "bundle 3" not in lab.log(), "the reconnect sent flow mods for flows installed over 1.3"
+
+
+def test_extra_os_ken_apps_named_in_the_config_are_loaded(lab: Lab) -> None:
+    lab.apps = ["os_ken.app.ofctl.service"]
+    lab.start()
+    lab.converged()
+    assert "instantiating app os_ken.app.ofctl.service" in lab.log()
+
+
+def make_pki(tmp: Path) -> dict[str, Path]:
+    """A CA, a controller certificate and a switch certificate signed by it, and a rogue switch
+    certificate signed by nobody we trust."""
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True)
+
+    for ca in ("ca", "rogue-ca"):
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+            "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+    for name, ca in (("controller", "ca"), ("switch", "ca"), ("rogue", "rogue-ca")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+            "-days", "2", "-out", f"{name}.crt")
+    return {p.stem + p.suffix: p for p in tmp.iterdir()}
+
+
+TLS_HANDSHAKE = """
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.load_verify_locations(sys.argv[2])
+ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+try:
+    with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as raw:
+        with ctx.wrap_socket(raw) as s:
+            s.sendall(bytes.fromhex("0500000800000001"))
+            data = s.recv(8)
+            print("accepted" if data else "closed")
+except (ssl.SSLError, ConnectionError, OSError) as exc:
+    print("refused", type(exc).__name__)
+"""
+
+
+def test_tls_listener_verifies_switch_certificates(lab: Lab) -> None:
+    pki = make_pki(lab.tmp)
+    lab.tls = {"key": str(pki["controller.key"]), "cert": str(pki["controller.crt"]), "ca": str(pki["ca.crt"])}
+    lab.ovs.vsctl("set-ssl", str(pki["switch.key"]), str(pki["switch.crt"]), str(pki["ca.crt"]))
+    for br in lab.bridges.values():
+        lab.ovs.vsctl("set-controller", br, f"ssl:127.0.0.1:{lab.port}")
+    lab.start()
+    lab.converged()
+    for who, expect in (("switch", "accepted"), ("rogue", "refused")):
+        proc = subprocess.run(["ip", "netns", "exec", lab.ovs.netns, sys.executable, "-c", TLS_HANDSHAKE, str(lab.port),
+                               str(pki["ca.crt"]), str(pki[f"{who}.crt"]), str(pki[f"{who}.key"])],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.stdout.startswith(expect), f"{who}: {proc.stdout}{proc.stderr}"
+    # A plain-TCP peer gets nothing either.
+    plain = subprocess.run(["ip", "netns", "exec", lab.ovs.netns, sys.executable, "-c", SEND_AND_WAIT_CLOSE,
+                            str(lab.port), "0500000800000002"], capture_output=True, text=True, timeout=30)
+    assert plain.stdout.startswith("closed"), plain.stdout
