@@ -16,16 +16,29 @@ from typing import Any, Protocol
 
 from os_ken.base import app_manager
 from os_ken.controller import ofp_event
-from os_ken.controller.handler import CONFIG_DISPATCHER, DEAD_DISPATCHER, MAIN_DISPATCHER, set_ev_cls
+from os_ken.controller.handler import (
+    CONFIG_DISPATCHER,
+    DEAD_DISPATCHER,
+    MAIN_DISPATCHER,
+    set_ev_cls,
+)
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_4
 
 from apps.ofcodec import DecodeError, decode_flow_stats, flow_mod, flow_stats_request
-from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_kind, cookie_ident
+from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_ident, cookie_kind
 from controller.flows.reconcile import FlowOp
 from controller.flows.types import FlowSpec
 from controller.runtime import (
-    BundleCommitted, BundleFailed, FlowsDumped, FlushConntrack, RequestDump, SendBundle,
-    SwitchCommand, SwitchConnected, SwitchDisconnected, SwitchEvent,
+    BundleCommitted,
+    BundleFailed,
+    FlowsDumped,
+    FlushConntrack,
+    RequestDump,
+    SendBundle,
+    SwitchCommand,
+    SwitchConnected,
+    SwitchDisconnected,
+    SwitchEvent,
 )
 
 LOG = logging.getLogger("goldilocks.southbound")

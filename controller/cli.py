@@ -6,8 +6,9 @@ import argparse
 import ipaddress
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 from controller.engine import Engine
 from controller.flows.compile import World, compile_bridge

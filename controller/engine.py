@@ -8,16 +8,30 @@ Incremental must equal full: after any event, `desired(hv)` is exactly what
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Iterator, Mapping
 
 from controller.commands import Command, FlushZones, ProgramBridge
 from controller.events import (
-    ContextReported, DirectoryChanged, Event, GatewayChanged, HypervisorUpserted, PolicyChanged,
-    PortsObserved, VmRemoved, VmUpserted,
+    ContextReported,
+    DirectoryChanged,
+    Event,
+    GatewayChanged,
+    HypervisorUpserted,
+    PolicyChanged,
+    PortsObserved,
+    VmRemoved,
+    VmUpserted,
 )
 from controller.flows.compile import (
-    Flows, PartKey, World, address_part, bridge_parts, gateway_part, port_part, rule_part,
+    Flows,
+    PartKey,
+    World,
+    address_part,
+    bridge_parts,
+    gateway_part,
+    port_part,
+    rule_part,
 )
 from controller.flows.reconcile import FlowOp, diff, plan
 from controller.flows.types import FlowSpec

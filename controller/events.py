@@ -3,8 +3,9 @@ and switch messages into these."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Union
 
 from controller.identity.groups import GroupDef
 from controller.model import VM, Fact, Gateway, Hypervisor, Provenance

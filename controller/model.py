@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import Enum
-from typing import Iterable, Mapping
 
 
 class Provenance(str, Enum):
@@ -57,7 +57,7 @@ class Fact:
 
     def describe(self) -> str:
         name = f"{self.attr}.{self.key}" if self.key else str(self.attr)
-        when = datetime.fromtimestamp(self.observed_at, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        when = datetime.fromtimestamp(self.observed_at, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return f"{name}={self.value} ({self.provenance}, observed {when})"
 
 

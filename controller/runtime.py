@@ -9,9 +9,10 @@ out of sync, retried with backoff, while other bridges carry on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Iterable, Union
+from typing import Union
 
 from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine

@@ -13,8 +13,9 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from controller.config import Config
 from controller.engine import Engine

@@ -8,21 +8,62 @@ each part depends only on the inputs it names. docs/pipeline.md walks a packet t
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from controller.flows.pipeline import (
-    CT_MARK_REVOKED, PRIO_CT_ALLOW_REPLY, PRIO_CT_GUARD, PRIO_DEFAULT, PRIO_REVOKE_EST,
-    REG_OUT_PORT, REG_ZONE, CookieKind, Table, check_flow, cookie, rule_cookie, rule_priority,
+    CT_MARK_REVOKED,
+    PRIO_CT_ALLOW_REPLY,
+    PRIO_CT_GUARD,
+    PRIO_DEFAULT,
+    PRIO_REVOKE_EST,
+    REG_OUT_PORT,
+    REG_ZONE,
+    CookieKind,
+    Table,
+    check_flow,
+    cookie,
+    rule_cookie,
+    rule_priority,
 )
 from controller.flows.types import (
-    CT_EST, CT_INV, CT_NEW, CT_REL, CT_RPL, CT_TRK, ETH_TYPE_ARP, ETH_TYPE_IP, IP_PROTO_ICMP,
-    IP_PROTO_TCP, IP_PROTO_UDP, Action, Conjunction, Ct, FlowSpec, GotoTable, Match, MatchField,
-    Move, Output, OutputInPort, SetField, ip_to_int, mac_to_int,
+    CT_EST,
+    CT_INV,
+    CT_NEW,
+    CT_REL,
+    CT_RPL,
+    CT_TRK,
+    ETH_TYPE_ARP,
+    ETH_TYPE_IP,
+    IP_PROTO_ICMP,
+    IP_PROTO_TCP,
+    IP_PROTO_UDP,
+    Action,
+    Conjunction,
+    Ct,
+    FlowSpec,
+    GotoTable,
+    Match,
+    MatchField,
+    Move,
+    Output,
+    OutputInPort,
+    SetField,
+    ip_to_int,
+    mac_to_int,
 )
 from controller.model import VM, Gateway, Hypervisor, Inventory, Port, VNic
 from controller.policy.schema import (
-    Action as RuleAction, AnyEndpoint, AppService, CidrEndpoint, Endpoint, GroupEndpoint, Policy, Rule,
+    Action as RuleAction,
+)
+from controller.policy.schema import (
+    AnyEndpoint,
+    AppService,
+    CidrEndpoint,
+    Endpoint,
+    GroupEndpoint,
+    Policy,
+    Rule,
 )
 
 Flows = frozenset[FlowSpec]

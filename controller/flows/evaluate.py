@@ -8,12 +8,23 @@ Tests compare its verdicts with `explain` and with `ovs-appctl ofproto/trace` on
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from controller.flows.types import (
-    CT_EST, CT_NEW, CT_RPL, CT_TRK, FIELD_BITS, Conjunction, Ct, FlowSpec, GotoTable, Move, Output,
-    OutputInPort, SetField,
+    CT_EST,
+    CT_NEW,
+    CT_RPL,
+    CT_TRK,
+    FIELD_BITS,
+    Conjunction,
+    Ct,
+    FlowSpec,
+    GotoTable,
+    Move,
+    Output,
+    OutputInPort,
+    SetField,
 )
 
 Packet = dict[str, int]  # match-field name -> value; plus tcp_src/udp_src for conntrack tuples

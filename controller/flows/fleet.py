@@ -6,12 +6,18 @@ or out to the gateway. Each bridge keeps its own conntrack, as each hypervisor d
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from controller.flows.evaluate import Conntrack, FlowTable, Packet, Result, evaluate
 from controller.flows.types import (
-    ETH_TYPE_IP, IP_PROTO_ICMP, IP_PROTO_TCP, IP_PROTO_UDP, FlowSpec, ip_to_int, mac_to_int,
+    ETH_TYPE_IP,
+    IP_PROTO_ICMP,
+    IP_PROTO_TCP,
+    IP_PROTO_UDP,
+    FlowSpec,
+    ip_to_int,
+    mac_to_int,
 )
 from controller.model import VM, Inventory
 
@@ -36,7 +42,7 @@ class Fleet:
     conntrack: dict[str, Conntrack] = field(default_factory=dict)
 
     @staticmethod
-    def of(inventory: Inventory, flows: Mapping[str, frozenset[FlowSpec]]) -> "Fleet":
+    def of(inventory: Inventory, flows: Mapping[str, frozenset[FlowSpec]]) -> Fleet:
         return Fleet(inventory, {hv: FlowTable(f) for hv, f in flows.items()},
                      {hv: Conntrack() for hv in flows})
 

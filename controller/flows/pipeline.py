@@ -11,8 +11,20 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from controller.flows.types import (
-    ETH_TYPE_ARP, ETH_TYPE_IP, FIELD_BITS, IP_PROTO_ICMP, IP_PROTO_TCP, IP_PROTO_UDP,
-    Conjunction, Ct, FlowSpec, GotoTable, Move, Output, OutputInPort, SetField,
+    ETH_TYPE_ARP,
+    ETH_TYPE_IP,
+    FIELD_BITS,
+    IP_PROTO_ICMP,
+    IP_PROTO_TCP,
+    IP_PROTO_UDP,
+    Conjunction,
+    Ct,
+    FlowSpec,
+    GotoTable,
+    Move,
+    Output,
+    OutputInPort,
+    SetField,
 )
 
 

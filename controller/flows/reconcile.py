@@ -7,9 +7,9 @@ packets in flight through it are not disturbed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable
 
 from controller.flows.types import FlowSpec, Match
 

@@ -5,12 +5,23 @@ Built field by field from the typed values, never by splicing user strings into 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from controller.flows.pipeline import REG_ZONE
 from controller.flows.types import (
-    CT_FLAG_NAMES, Action, Conjunction, Ct, FlowSpec, GotoTable, MatchField, Move, Output,
-    OutputInPort, SetField, int_to_ip, int_to_mac,
+    CT_FLAG_NAMES,
+    Action,
+    Conjunction,
+    Ct,
+    FlowSpec,
+    GotoTable,
+    MatchField,
+    Move,
+    Output,
+    OutputInPort,
+    SetField,
+    int_to_ip,
+    int_to_mac,
 )
 
 _OFCTL_NAME = {"ip_proto": "nw_proto", "ipv4_src": "ip_src", "ipv4_dst": "ip_dst", "icmpv4_type": "icmp_type"}

@@ -9,8 +9,8 @@ two rules producing the same flow produce one flow.
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Union
 
 # ct_state bits, as OVS defines them (ovs-fields(7), "Connection Tracking Fields").
@@ -134,7 +134,7 @@ class Match:
     fields: tuple[MatchField, ...] = ()
 
     @staticmethod
-    def of(**kwargs: MatchValue | None) -> "Match":
+    def of(**kwargs: MatchValue | None) -> Match:
         """Match.of(in_port=1, eth_type=ETH_TYPE_IP, ipv4_dst="10.0.0.0/24"); None values are skipped."""
         fields = []
         for name, value in kwargs.items():
@@ -145,7 +145,7 @@ class Match:
         return Match.from_fields(fields)
 
     @staticmethod
-    def from_fields(fields: "list[MatchField] | tuple[MatchField, ...]") -> "Match":
+    def from_fields(fields: list[MatchField] | tuple[MatchField, ...]) -> Match:
         names = [f.name for f in fields]
         if len(names) != len(set(names)):
             raise ValueError(f"field matched twice in {names}")

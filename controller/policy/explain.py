@@ -7,15 +7,20 @@ It reads policy semantics directly (not flows), so tests can hold the compiled d
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from controller.flows.compile import World
 from controller.identity.groups import GroupDef
 from controller.identity.selector import Evidence, explain_match
 from controller.model import VM
 from controller.policy.schema import (
-    AnyEndpoint, AppService, CidrEndpoint, Endpoint, GroupEndpoint, Rule,
+    AnyEndpoint,
+    AppService,
+    CidrEndpoint,
+    Endpoint,
+    GroupEndpoint,
+    Rule,
 )
 
 DEFAULT_DENY = "default deny: no enabled rule matches"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Mapping, Union
+from typing import Union
 
 from controller.flows.pipeline import TIER_ORDER
 from controller.model import Port

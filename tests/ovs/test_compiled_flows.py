@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from controller.engine import Engine
-from controller.events import ContextReported
 from controller.flows.render import render_flows
-from controller.model import VM, Provenance
+from controller.model import VM
 from controller.policy.explain import explain
 from controller.scenario import Scenario, load_scenario
 from tests.ovs.harness import EstablishedConnection, OvsSandbox, ping, tcp_connect, tcp_server
+from tests.support import logout_event
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 PROBES = [("tcp", 22), ("tcp", 80), ("tcp", 443), ("tcp", 5432), ("tcp", 8080), ("udp", 53), ("icmp", 0)]
@@ -132,9 +132,7 @@ def test_trace_established_connection_dropped_after_logout(ovs: OvsSandbox, brid
 
 
 def logout(fleet: Fleet, vm: VM) -> None:
-    """The agent's next report for `vm`: the same context with nobody logged in."""
-    kept = frozenset(f for f in vm.facts if f.provenance is Provenance.GUEST and f.attr.value not in ("user", "usergroup"))
-    fleet.engine.handle(ContextReported(vm.uuid, Provenance.GUEST, kept))
+    fleet.engine.handle(logout_event(vm))
 
 
 def test_real_packets_follow_policy_and_logout_cuts_an_established_connection(ovs: OvsSandbox, bridge_factory) -> None:

@@ -13,18 +13,39 @@ from hypothesis import strategies as st
 from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import (
-    BoundPort, ContextReported, DirectoryChanged, GatewayChanged, HypervisorUpserted, PolicyChanged,
-    PortsObserved, VmRemoved, VmUpserted,
+    BoundPort,
+    ContextReported,
+    DirectoryChanged,
+    GatewayChanged,
+    HypervisorUpserted,
+    PolicyChanged,
+    PortsObserved,
+    VmRemoved,
+    VmUpserted,
 )
 from controller.flows.compile import compile_bridge
 from controller.flows.reconcile import apply_plan
 from controller.identity.groups import GroupDef
 from controller.identity.selector import parse_selector
 from controller.model import (
-    VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic, parse_port,
+    VM,
+    Attr,
+    Fact,
+    Gateway,
+    Hypervisor,
+    Inventory,
+    Provenance,
+    VNic,
+    parse_port,
 )
 from controller.policy.schema import (
-    Action, AnyEndpoint, AppService, CidrEndpoint, GroupEndpoint, Policy, Rule,
+    Action,
+    AnyEndpoint,
+    AppService,
+    CidrEndpoint,
+    GroupEndpoint,
+    Policy,
+    Rule,
 )
 
 HVS = ("hv1", "hv2", "hv3")

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from controller.engine import Engine
-from controller.events import ContextReported, DirectoryChanged, PolicyChanged
+from controller.events import DirectoryChanged, PolicyChanged
 from controller.flows.compile import compile_bridge
 from controller.flows.fleet import Fleet, ip_packet, reply_of
 from controller.flows.types import ip_to_int, mac_to_int
-from controller.model import VM, Provenance
+from controller.model import VM
 from controller.policy.explain import explain
 from controller.scenario import Scenario, load_scenario
+from tests.support import login_again_event, logout_event
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -116,45 +117,45 @@ def test_external_clients_reach_web_only() -> None:
         assert got.delivered == vm.name.startswith("web"), vm.name
 
 
-def test_established_connection_is_cut_when_the_user_logs_out() -> None:
-    """alice (finance) on fin-desk1 holds a ledger connection; her logout ends it both ways."""
+def _finance() -> tuple[Engine, VM, VM, Fleet]:
     sc = load_scenario(EXAMPLES[0].parent / "finance-identity.yaml")
     engine = _engine(sc)
     world = engine.world()
     desk, ledger = world.inventory.vm_by_name("fin-desk1"), world.inventory.vm_by_name("ledger-db")
-    fleet = _fleet(engine)
+    return engine, desk, ledger, _fleet(engine)
+
+
+def _reprogram(fleet: Fleet, engine: Engine) -> None:
+    fleet.reprogram({hv: engine.desired(hv) for hv in engine.hypervisors()})
+
+
+def test_established_connection_is_cut_when_the_user_logs_out() -> None:
+    """alice (finance) on fin-desk1 holds a ledger connection; her logout ends it both ways."""
+    engine, desk, ledger, fleet = _finance()
     syn = _packet(desk, ledger, "tcp", 5432)
     assert fleet.send(desk, syn).delivered
     assert fleet.send(ledger, reply_of(syn)).delivered
     assert fleet.send(desk, syn).delivered  # established, original direction
 
-    # The agent's next report: same context, no logged-in user (groups derive from logins).
-    others = frozenset(f for f in desk.facts if f.provenance is Provenance.GUEST
-                       and f.attr.value not in ("user", "usergroup"))
-    engine.handle(ContextReported(desk.uuid, Provenance.GUEST, others))
+    engine.handle(logout_event(desk))
     assert not explain(engine.world(), engine.groups, engine.world().inventory.vms[desk.uuid], ledger, "tcp", 5432).allowed
-    fleet.reprogram({hv: engine.desired(hv) for hv in engine.hypervisors()})
+    _reprogram(fleet, engine)
     assert not fleet.send(desk, syn).delivered, "established original-direction packet still passes"
     assert not fleet.send(ledger, reply_of(syn)).delivered, "reply of a revoked connection still passes"
 
     # Logging in again grants new connections, but the revoked one stays dead.
-    engine.handle(ContextReported(desk.uuid, Provenance.GUEST, frozenset(
-        f for f in desk.facts if f.provenance is Provenance.GUEST and f.attr.value != "usergroup")))
-    fleet.reprogram({hv: engine.desired(hv) for hv in engine.hypervisors()})
+    engine.handle(login_again_event(desk))
+    _reprogram(fleet, engine)
     assert not fleet.send(desk, syn).delivered
     assert fleet.send(desk, _packet(desk, ledger, "tcp", 5432, sport=40002)).delivered
 
 
 def test_directory_change_revokes_like_a_logout() -> None:
-    sc = load_scenario(EXAMPLES[0].parent / "finance-identity.yaml")
-    engine = _engine(sc)
-    world = engine.world()
-    desk, ledger = world.inventory.vm_by_name("fin-desk1"), world.inventory.vm_by_name("ledger-db")
-    fleet = _fleet(engine)
+    engine, desk, ledger, fleet = _finance()
     syn = _packet(desk, ledger, "tcp", 5432)
     assert fleet.send(desk, syn).delivered
     engine.handle(DirectoryChanged("alice", frozenset({"engineering"})))
-    fleet.reprogram({hv: engine.desired(hv) for hv in engine.hypervisors()})
+    _reprogram(fleet, engine)
     assert not fleet.send(desk, syn).delivered
     assert not fleet.send(ledger, reply_of(syn)).delivered
 
@@ -171,7 +172,7 @@ def test_rule_removed_cuts_established_and_disabled_rule_enforces_nothing() -> N
     assert deciding is not None
     disabled = tuple(replace(r, enabled=False) if r.id == deciding.id else r for r in sc.policy.rules)
     engine.handle(PolicyChanged(replace(sc.policy, rules=disabled), sc.groups))
-    fleet.reprogram({hv: engine.desired(hv) for hv in engine.hypervisors()})
+    _reprogram(fleet, engine)
     assert not fleet.send(web1, pkt).delivered
     assert not fleet.send(app2, reply_of(pkt)).delivered
 

@@ -6,12 +6,29 @@ import pytest
 
 from controller.flows.compile import World, compile_bridge, port_range_masks
 from controller.flows.pipeline import (
-    COOKIE_PREFIX, COOKIE_PREFIX_MASK, CookieKind, PipelineViolation, Table, check_flow, cookie,
-    cookie_kind, rule_cookie,
+    COOKIE_PREFIX,
+    COOKIE_PREFIX_MASK,
+    CookieKind,
+    PipelineViolation,
+    Table,
+    check_flow,
+    cookie,
+    cookie_kind,
+    rule_cookie,
 )
 from controller.flows.reconcile import OpKind, apply_plan, diff, plan
 from controller.flows.types import Conjunction, Ct, FlowSpec, GotoTable, Match, Output
-from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic, parse_port
+from controller.model import (
+    VM,
+    Attr,
+    Fact,
+    Gateway,
+    Hypervisor,
+    Inventory,
+    Provenance,
+    VNic,
+    parse_port,
+)
 from controller.policy.schema import Action, GroupEndpoint, Policy, Rule
 
 
@@ -85,7 +102,7 @@ def test_each_rule_gets_its_own_cookie_under_the_prefix() -> None:
 @pytest.mark.parametrize("low,high", [(1, 1), (80, 80), (1000, 1999), (1, 65535), (8000, 8080), (1023, 1025)])
 def test_port_range_masks_cover_exactly_the_range(low: int, high: int) -> None:
     masks = port_range_masks(low, high)
-    covered = {p for p in range(0, 65536) if any(p & m == v for v, m in masks)}
+    covered = {p for p in range(65536) if any(p & m == v for v, m in masks)}
     assert covered == set(range(low, high + 1))
 
 

@@ -7,14 +7,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from controller.engine import Engine
-from controller.events import ContextReported, PolicyChanged
+from controller.events import PolicyChanged
 from controller.flows.reconcile import OpKind, apply_plan
-from controller.model import Provenance
 from controller.runtime import (
-    BundleCommitted, BundleFailed, FlowsDumped, RequestDump, Runtime, SendBundle, SwitchConnected,
-    SwitchDisconnected, SyncState, Tick,
+    BundleCommitted,
+    BundleFailed,
+    FlowsDumped,
+    RequestDump,
+    Runtime,
+    SendBundle,
+    SwitchConnected,
+    SwitchDisconnected,
+    SyncState,
+    Tick,
 )
 from controller.scenario import load_scenario
+from tests.support import logout_event
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finance-identity.yaml"
 
@@ -31,10 +39,8 @@ def connect_in_sync(rt: Runtime, dpid: int, hv: str) -> None:
     assert rt.bridge(hv).state is SyncState.IN_SYNC
 
 
-def logout_alice(rt: Runtime) -> None:
-    desk = rt.engine.world().inventory.vm_by_name("fin-desk1")
-    kept = frozenset(f for f in desk.facts if f.provenance is Provenance.GUEST and f.attr.value not in ("user", "usergroup"))
-    return rt.handle(ContextReported(desk.uuid, Provenance.GUEST, kept), 1)
+def logout_alice(rt: Runtime) -> list:
+    return rt.handle(logout_event(rt.engine.world().inventory.vm_by_name("fin-desk1")), 1)
 
 
 def test_reconnect_with_nothing_changed_sends_no_flow_mod() -> None:
