@@ -174,42 +174,44 @@ class GoldilocksApp(app_manager.OSKenApp):
     def execute(self, command: SwitchCommand) -> None:
         with self._lock:
             sw = self._switches.get(command.dpid)
-            if sw is None:
-                return  # it went away; its reconnect will dump and reconcile
-            if isinstance(command, RequestDump):
-                self._request_dump(sw)
-            elif isinstance(command, SendBundle):
-                self._send_bundle(sw, command)
-            elif isinstance(command, FlushConntrack):
-                self._flush_zones(sw, command.zones)
+        if sw is None:
+            return  # it went away; its reconnect will dump and reconcile
+        if isinstance(command, RequestDump):
+            self._request_dump(sw)
+        elif isinstance(command, SendBundle):
+            self._send_bundle(sw, command)
+        elif isinstance(command, FlushConntrack):
+            self._flush_zones(sw, command.zones)
 
     def _request_dump(self, sw: _Switch) -> None:
         dp = sw.datapath
-        sw.dump, sw.undecodable = [], 0
+        with self._lock:
+            sw.dump, sw.undecodable = [], 0
         dp.send_msg(flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
 
     def _send_bundle(self, sw: _Switch, command: SendBundle) -> None:
+        """Open, one add per flow op, commit, barrier — serialized here, written to the socket
+        as one buffer (one queue slot instead of one per message), without holding the lock
+        that every switch's handlers need."""
         dp = sw.datapath
         ofp, parser = dp.ofproto, dp.ofproto_parser
-        bundle = _Bundle(command.bundle, {})
-        sw.bundle = bundle
         flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED if ofp.OFP_VERSION == ofproto_v1_3.OFP_VERSION \
             else ofp.OFPBF_ATOMIC | ofp.OFPBF_ORDERED
         bid = command.bundle & 0xFFFFFFFF
-        dp.send_msg(_bundle_ctrl(dp, bid, "OPEN", flags))
+        bundle = _Bundle(command.bundle, {})
+        chunks = [_wire(dp, _bundle_ctrl(dp, bid, "OPEN", flags))]
         for op in command.ops:
             add = _bundle_add(dp, bid, flags, flow_mod(ofp, parser, dp, op))
-            dp.set_xid(add)
+            chunks.append(_wire(dp, add))
             bundle.ops[add.xid] = op
-            dp.send_msg(add)
         commit = _bundle_ctrl(dp, bid, "COMMIT", flags)
-        dp.set_xid(commit)
-        bundle.commit_xid = commit.xid
-        dp.send_msg(commit)
+        chunks.append(_wire(dp, commit))
         barrier = parser.OFPBarrierRequest(dp)
-        dp.set_xid(barrier)
-        bundle.barrier_xid = barrier.xid
-        dp.send_msg(barrier)
+        chunks.append(_wire(dp, barrier))
+        bundle.commit_xid, bundle.barrier_xid = commit.xid, barrier.xid
+        with self._lock:
+            sw.bundle = bundle
+        dp.send(b"".join(chunks))
         LOG.info("switch %016x: bundle %d with %d flow mods", dp.id, command.bundle, len(command.ops))
 
     def _flush_zones(self, sw: _Switch, zones: tuple[int, ...]) -> None:
@@ -253,6 +255,12 @@ def error_name(ofp: Any, err_type: int, err_code: int) -> str:
     if tname and cname:
         return f"{tname}/{cname}"
     return f"error type={err_type} code={err_code}"
+
+
+def _wire(dp: Any, msg: Any) -> bytes:
+    dp.set_xid(msg)
+    msg.serialize()
+    return bytes(msg.buf)
 
 
 def _bundle_ctrl(dp: Any, bundle_id: int, what: str, flags: int) -> Any:

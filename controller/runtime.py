@@ -167,7 +167,7 @@ class Runtime:
         for cmd in commands:
             b = self._bridges[cmd.hypervisor]
             if isinstance(cmd, ProgramBridge):
-                new, cmds = self._changed(b)
+                new, cmds = self._changed(b, cmd.ops)
                 self._bridges[cmd.hypervisor] = new
                 out += cmds
             elif isinstance(cmd, FlushZones) and b.dpid is not None and b.dpid in self._connected:
@@ -204,10 +204,11 @@ class Runtime:
         b = replace(b, installed=flows)
         return self._send(b, plan(diff(self.engine.desired(b.hypervisor), flows)))
 
-    def _changed(self, b: BridgeSync) -> tuple[BridgeSync, list[SwitchCommand]]:
+    def _changed(self, b: BridgeSync, ops: tuple[FlowOp, ...]) -> tuple[BridgeSync, list[SwitchCommand]]:
         if b.state is SyncState.IN_SYNC:
-            assert b.installed is not None
-            return self._send(b, plan(diff(self.engine.desired(b.hypervisor), b.installed)))
+            # In sync, the bridge holds the engine's previous desired flows, and `ops` are
+            # exactly the engine's step from those to the new ones.
+            return self._send(b, ops)
         if b.state is SyncState.APPLYING:
             return replace(b, dirty=True), []
         return b, []  # disconnected, dumping or backing off: the next dump reconciles
@@ -217,6 +218,8 @@ class Runtime:
             return b, []
         installed = apply_plan(b.installed, b.pending)
         b = replace(b, installed=installed, pending=(), failures=0, retry_at=None, last_error=None)
+        if not b.dirty:
+            return self._send(b, ())
         return self._send(b, plan(diff(self.engine.desired(b.hypervisor), installed)))
 
     def _failed(self, b: BridgeSync, event: BundleFailed, now: float) -> tuple[BridgeSync, list[SwitchCommand]]:

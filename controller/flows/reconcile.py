@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.flows.types import FlowSpec, Match
+from controller.flows.types import FlowSpec
 
 
 class OpKind(str, Enum):
@@ -50,8 +50,9 @@ def diff(desired: Iterable[FlowSpec], installed: Iterable[FlowSpec]) -> Diff:
     )
 
 
-def _order(flow: FlowSpec) -> tuple[int, int, Match]:
-    return (flow.table, -flow.priority, flow.match)
+def _order(flow: FlowSpec) -> tuple[int, int]:
+    # Within one priority the order carries no meaning, and comparing matches is slow.
+    return (flow.table, -flow.priority)
 
 
 def plan(d: Diff) -> tuple[FlowOp, ...]:

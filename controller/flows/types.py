@@ -133,6 +133,18 @@ def _scalar(name: str, value: int | str) -> int:
 class Match:
     fields: tuple[MatchField, ...] = ()
 
+    # Flows are hashed over and over (diffs, sets, counters): compute once. The cache is
+    # per process (str hashes are salted), so it never travels in a pickle.
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash(self.fields)
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @staticmethod
     def of(**kwargs: MatchValue | None) -> Match:
         """Match.of(in_port=1, eth_type=ETH_TYPE_IP, ipv4_dst="10.0.0.0/24"); None values are skipped."""
@@ -218,6 +230,16 @@ class FlowSpec:
     actions: tuple[Action, ...]
     cookie: int
     origin: str = field(default="", compare=False, hash=False)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
+    def __hash__(self) -> int:
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.table, self.priority, self.match, self.actions, self.cookie))
+            object.__setattr__(self, "_hash", cached)
+        return cached
 
     @property
     def key(self) -> tuple[int, int, Match]:
