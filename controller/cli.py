@@ -15,9 +15,9 @@ from controller.flows.compile import World, compile_bridge
 from controller.flows.pipeline import CookieKind, cookie_kind
 from controller.flows.render import render_flows
 from controller.flows.types import Conjunction
-from controller.model import PROTOCOLS, Port
+from controller.model import PROTOCOLS
 from controller.policy.explain import Explanation, explain
-from controller.policy.schema import AppService
+from controller.policy.whatif import policy_probes
 from controller.scenario import Scenario, ScenarioError, load_scenario
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
@@ -128,28 +128,9 @@ def explanation_json(e: Explanation) -> dict[str, object]:
     }
 
 
-def policy_services(sc: Scenario, world: World) -> list[tuple[str, int]]:
-    """One probe per service the policy names (app ports resolved on every VM)."""
-    probes: set[tuple[str, int]] = set()
-    for rule in sc.policy.rules:
-        for svc in rule.services:
-            ports: list[Port] = []
-            if isinstance(svc, AppService):
-                for vm in world.inventory.vms.values():
-                    ports.extend(vm.app_ports(svc.app))
-            else:
-                ports.append(svc)
-            for p in ports:
-                if p.protocol in ("tcp", "udp"):
-                    probes.add((p.protocol, p.low))
-                elif p.protocol == "icmp":
-                    probes.add(("icmp", 0))
-    return sorted(probes) or [("icmp", 0)]
-
-
 def reachability(sc: Scenario, world: World) -> list[list[str]]:
     names = sorted(vm.name for vm in world.inventory.vms.values())
-    probes = policy_services(sc, world)
+    probes = policy_probes((sc.policy,), world.inventory.vms.values())
     rows = [["from \\ to"] + names]
     for s in names:
         row = [s]

@@ -109,8 +109,9 @@ class Engine:
         inventory = Inventory(dict(self._hypervisors), dict(self._effective), self._gateway)
         return World(inventory, members, self._policy)
 
-    def _view(self) -> World:
-        """The current world without copying, for the engine's own use within one event."""
+    def view(self) -> World:
+        """The current world without copying: only for use on the engine's own thread, and only
+        until the next event."""
         inventory = Inventory(self._hypervisors, self._effective, self._gateway)
         return World(inventory, _MembersView(self._index, self._groups), self._policy)
 
@@ -135,7 +136,7 @@ class Engine:
 
     def handle(self, event: Event) -> list[Command]:
         change = self._apply(event)
-        world = self._view()
+        world = self.view()
         commands: list[Command] = []
         for hv in sorted(self._hypervisors):
             ops = self._recompute(hv, change, world)
@@ -253,7 +254,7 @@ class Engine:
 
     def _rebuild_bridge(self, hv: str, world: World | None = None) -> tuple[set[FlowSpec], set[FlowSpec]]:
         bridge = self._bridges.setdefault(hv, BridgeFlows())
-        fresh = bridge_parts(world or self._view(), hv)
+        fresh = bridge_parts(world or self.view(), hv)
         added: set[FlowSpec] = set()
         removed: set[FlowSpec] = set()
         for key in set(bridge.parts) | set(fresh):

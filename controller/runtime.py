@@ -131,6 +131,9 @@ class Runtime:
     def bridges(self) -> tuple[BridgeSync, ...]:
         return tuple(self._bridges[hv] for hv in sorted(self._bridges))
 
+    def connected(self, dpid: int | None) -> bool:
+        return dpid is not None and dpid in self._connected
+
     def _hv_of(self, dpid: int) -> str | None:
         return next((b.hypervisor for b in self._bridges.values() if b.dpid == dpid), None)
 

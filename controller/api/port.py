@@ -15,31 +15,9 @@ from controller.identity.groups import GroupDef
 from controller.model import VM
 from controller.policy.explain import Explanation, Membership
 from controller.policy.schema import Policy
+from controller.policy.whatif import FlowCountChange, PairChange, WhatIf
 
-
-@dataclass(frozen=True)
-class PairChange:
-    src: str  # VM name
-    dst: str  # VM name
-    service: str  # "tcp/5432", "udp/53", "icmp"
-    before: str  # verdict under the active policy: allow | deny | reject
-    after: str  # verdict under the draft
-
-
-@dataclass(frozen=True)
-class FlowCountChange:
-    hypervisor: str
-    before: int
-    after: int
-
-
-@dataclass(frozen=True)
-class WhatIf:
-    newly_allowed: tuple[PairChange, ...]
-    newly_denied: tuple[PairChange, ...]  # includes allow -> reject
-    flows: tuple[FlowCountChange, ...]
-    pairs_checked: int
-    truncated: bool = False  # too many pairs: only those touched by changed rules were checked
+__all__ = ["BridgeStatus", "ControllerPort", "FlowCountChange", "PairChange", "RuleHits", "WhatIf"]
 
 
 @dataclass(frozen=True)

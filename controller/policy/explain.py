@@ -113,14 +113,18 @@ def rule_matches(rule: Rule, world: World, src: VM, src_ip: str, dst: VM | None,
     )
 
 
+def membership(group: GroupDef, vm: VM) -> Membership:
+    """Whether `vm` is in `group`, test by test, with the facts that decided each."""
+    member, evidence = explain_match(group.selector, vm)
+    return Membership(group.name, vm.name, member, group.text, evidence)
+
+
 def _memberships(rule: Rule, groups: Mapping[str, GroupDef], src: VM, dst: VM | None) -> list[Membership]:
-    out = []
-    for ep, vm in ((rule.source, src), (rule.destination, dst)):
-        if isinstance(ep, GroupEndpoint) and vm is not None and ep.group in groups:
-            gdef = groups[ep.group]
-            member, evidence = explain_match(gdef.selector, vm)
-            out.append(Membership(ep.group, vm.name, member, gdef.text, evidence))
-    return out
+    return [
+        membership(groups[ep.group], vm)
+        for ep, vm in ((rule.source, src), (rule.destination, dst))
+        if isinstance(ep, GroupEndpoint) and vm is not None and ep.group in groups
+    ]
 
 
 def _where(vm: VM, direction: str) -> str:
