@@ -31,8 +31,10 @@ from controller.flows.types import FlowSpec
 from controller.runtime import (
     BundleCommitted,
     BundleFailed,
+    CountersRead,
     FlowsDumped,
     FlushConntrack,
+    ReadCounters,
     RequestDump,
     SendBundle,
     SwitchCommand,
@@ -77,6 +79,8 @@ class _Switch:
     dump: list[FlowSpec] = field(default_factory=list)
     undecodable: int = 0
     bundle: _Bundle | None = None
+    stats_xid: int | None = None  # the counters poll in flight, told apart from reconcile dumps
+    counters: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class GoldilocksApp(app_manager.OSKenApp):
@@ -121,6 +125,9 @@ class GoldilocksApp(app_manager.OSKenApp):
             sw = self._switches.get(dp.id)
             if sw is None:
                 return
+            if ev.msg.xid == sw.stats_xid:
+                self._count(sw, ev.msg)
+                return
             for stats in ev.msg.body:
                 try:
                     sw.dump.append(decode_flow_stats(stats))
@@ -132,6 +139,16 @@ class GoldilocksApp(app_manager.OSKenApp):
             flows, bad = frozenset(sw.dump), sw.undecodable
             sw.dump, sw.undecodable = [], 0
         self.sink.post(FlowsDumped(dp.id, flows, bad))
+
+    def _count(self, sw: _Switch, msg: Any) -> None:
+        """Counters by cookie; conjunction clauses have none, their conj_id flows carry the rule's."""
+        for stats in msg.body:
+            packets, nbytes = sw.counters.get(stats.cookie, (0, 0))
+            sw.counters[stats.cookie] = (packets + stats.packet_count, nbytes + stats.byte_count)
+        if msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
+            return
+        counters, sw.counters, sw.stats_xid = sw.counters, {}, None
+        self.sink.post(CountersRead(msg.datapath.id, counters))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
     def _error(self, ev: Any) -> None:
@@ -182,6 +199,18 @@ class GoldilocksApp(app_manager.OSKenApp):
             self._send_bundle(sw, command)
         elif isinstance(command, FlushConntrack):
             self._flush_zones(sw, command.zones)
+        elif isinstance(command, ReadCounters):
+            self._read_counters(sw)
+
+    def _read_counters(self, sw: _Switch) -> None:
+        dp = sw.datapath
+        request = flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK)
+        dp.set_xid(request)
+        with self._lock:
+            if sw.stats_xid is not None:
+                return  # the previous poll has not finished
+            sw.stats_xid, sw.counters = request.xid, {}
+        dp.send_msg(request)
 
     def _request_dump(self, sw: _Switch) -> None:
         dp = sw.datapath

@@ -248,9 +248,7 @@ def start_controller(engine: Any, profile: cProfile.Profile | None = None) -> tu
     import apps.goldilocks_app as app_module
     from apps.guard import install_guard
     from controller.config import Config
-    from controller.model import Inventory
     from controller.runtime import Runtime
-    from controller.scenario import Scenario
     from controller.service import Service, configure_os_ken
 
     with socket.socket() as s:
@@ -259,9 +257,7 @@ def start_controller(engine: Any, profile: cProfile.Profile | None = None) -> tu
     config = Config(path=ROOT / "bench", scenario=ROOT / "bench", listen="127.0.0.1", port=port)
     configure_os_ken(config)
     install_guard(logging.getLogger("goldilocks.guard"))
-    empty = Scenario(Inventory({}, {}, None), {}, Policy((), {}), {}, 0.0)
-    service = Service(config, empty)
-    service.runtime = Runtime(engine)  # bound hypervisors with dpids: no OVSDB monitor needed
+    service = Service(config, Runtime(engine))  # bound hypervisors with dpids: no OVSDB monitor needed
     probe = Probe(service, profile)
     app_module.attach(service)
     manager = app_manager.AppManager.get_instance()

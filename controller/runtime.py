@@ -9,7 +9,7 @@ out of sync, retried with backoff, while other bridges carry on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Union
@@ -66,11 +66,19 @@ class BundleFailed:
 
 
 @dataclass(frozen=True)
+class CountersRead:
+    """Packet and byte counts by cookie from one switch (for rule hit counts; not engine state)."""
+
+    dpid: int
+    counters: Mapping[int, tuple[int, int]]
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passes; due retries fire."""
 
 
-SwitchEvent = Union[SwitchConnected, SwitchDisconnected, FlowsDumped, BundleCommitted, BundleFailed, Tick]
+SwitchEvent = Union[SwitchConnected, SwitchDisconnected, FlowsDumped, BundleCommitted, BundleFailed, CountersRead, Tick]
 
 
 # ---- switch commands (to the os-ken app) -----------------------------------------------------
@@ -96,7 +104,14 @@ class FlushConntrack:
     zones: tuple[int, ...]
 
 
-SwitchCommand = Union[RequestDump, SendBundle, FlushConntrack]
+@dataclass(frozen=True)
+class ReadCounters:
+    dpid: int
+
+
+SwitchCommand = Union[RequestDump, SendBundle, FlushConntrack, ReadCounters]
+
+COUNTERS_EVERY = 10.0  # seconds between rule hit-count polls of each in-sync bridge
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class Runtime:
             hv: BridgeSync(hv, dpid=record.dpid) for hv, record in engine.hypervisor_records().items()}
         self._connected: set[int] = set()  # dpids connected, mapped to a hypervisor or not
         self._next_bundle = 1
+        self._counters_at: float | None = None
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -154,7 +170,9 @@ class Runtime:
         if isinstance(event, BundleFailed):
             return self._on_bridge(event.dpid, lambda b: self._failed(b, event, now))
         if isinstance(event, Tick):
-            return self._retry_due(now)
+            return self._retry_due(now) + self._counters_due(now)
+        if isinstance(event, CountersRead):
+            return []  # the shell keeps hit counts; nothing for the engine
         return self._engine_event(event)
 
     def _engine_event(self, event: Event) -> list[SwitchCommand]:
@@ -233,6 +251,15 @@ class Runtime:
         # An atomic bundle that failed changed nothing; still, trust only a fresh dump.
         return replace(b, state=SyncState.BACKOFF, pending=(), failures=failures, retry_at=now + delay,
                        last_error=event.error, installed=None), []
+
+    def _counters_due(self, now: float) -> list[SwitchCommand]:
+        if self._counters_at is None:
+            self._counters_at = now
+        if now - self._counters_at < COUNTERS_EVERY:
+            return []
+        self._counters_at = now
+        return [ReadCounters(b.dpid) for b in self._bridges.values()
+                if b.state is SyncState.IN_SYNC and b.dpid is not None and b.dpid in self._connected]
 
     def _retry_due(self, now: float) -> list[SwitchCommand]:
         out: list[SwitchCommand] = []

@@ -21,7 +21,8 @@ from controller.config import Config
 from controller.engine import Engine
 from controller.events import Event
 from controller.model import Inventory
-from controller.runtime import Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
+from controller.facade import EngineFacade, HitCounter
+from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
 from controller.scenario import Scenario
 
 LOG = logging.getLogger("goldilocks.service")
@@ -35,19 +36,48 @@ def unbound(inventory: Inventory) -> Inventory:
     return Inventory(hvs, vms, inventory.gateway)
 
 
+def engine_from_scenario(scenario: Scenario) -> Engine:
+    return Engine(unbound(scenario.inventory), scenario.directory, scenario.policy, scenario.groups)
+
+
+class _Call:
+    """A read (or a test's probe) run on the engine thread, answered through a future."""
+
+    def __init__(self, fn: Callable[[Runtime], Any]) -> None:
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
 class Service:
-    def __init__(self, config: Config, scenario: Scenario, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.runtime = Runtime(Engine(unbound(scenario.inventory), scenario.directory, scenario.policy, scenario.groups))
-        self._queue: queue.Queue[Event | SwitchEvent | None] = queue.Queue()
+        self.runtime = runtime
+        self._queue: queue.Queue[Event | SwitchEvent | _Call | None] = queue.Queue()
         self._clock = clock
         self._stop = threading.Event()
         self._execute: Callable[[SwitchCommand], None] | None = None
         self._thread: threading.Thread | None = None
         self.monitors: list[Any] = []
+        self.hits = HitCounter()
+        self.facade = EngineFacade(self.call, self.post, self.hits, alive=self.engine_alive)
 
     def post(self, event: Event | SwitchEvent) -> None:
         self._queue.put(event)
+
+    def call(self, fn: Callable[[Runtime], Any], timeout: float = 30.0) -> Any:
+        """Run `fn(runtime)` on the engine thread, between events, and return what it returns."""
+        item = _Call(fn)
+        self._queue.put(item)
+        if not item.done.wait(timeout):
+            raise TimeoutError("the engine did not answer in time")
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def engine_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def attach_southbound(self, execute: Callable[[SwitchCommand], None]) -> None:
         self._execute = execute
@@ -86,12 +116,25 @@ class Service:
                 event = Tick()
             if event is None:
                 break
+            if isinstance(event, _Call):
+                self._answer(event)
+                continue
+            if isinstance(event, CountersRead):
+                self.hits.update(event.dpid, event.counters, time.time())
+                continue
             now = self._clock()
             if not isinstance(event, Tick) and now - last_tick >= TICK_SECONDS:
                 self._run(Tick(), now)
             if isinstance(event, Tick):
                 last_tick = now
             self._run(event, now)
+
+    def _answer(self, item: _Call) -> None:
+        try:
+            item.result = item.fn(self.runtime)
+        except BaseException as exc:  # handed to the caller, not swallowed
+            item.error = exc
+        item.done.set()
 
     def _run(self, event: Event | SwitchEvent, now: float) -> None:
         before = {b.hypervisor: b.state for b in self.runtime.bridges()}
@@ -151,7 +194,7 @@ def run(config: Config, scenario: Scenario) -> int:
 
     configure_os_ken(config)
     install_guard(logging.getLogger("goldilocks.guard"))
-    service = Service(config, scenario)
+    service = Service(config, Runtime(engine_from_scenario(scenario)))
     app_module.attach(service)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
