@@ -88,6 +88,9 @@ def _resolve_dst(world: World, text: str) -> object | None:
 
 
 def cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.scenario is None:
+        return _api(args, err, lambda c: _print_explanation(c.request("POST", "/explain", {
+            "src": args.src, "dst": args.dst, "protocol": args.proto, "port": args.port}), args.json, out))
     sc = _load(args.scenario, err)
     if sc is None:
         return EXIT_INVALID
@@ -187,6 +190,95 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return run(config, sc)
 
 
+def _print_explanation(data: dict, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2), file=out)
+        return
+    svc = data["protocol"] if data["protocol"] == "icmp" else f"{data['protocol']}/{data['port']}"
+    lines = [f"{data['src']} -> {data['dst']} {svc}: {str(data['verdict']).upper()}"]
+    rule = data.get("rule")
+    lines.append(f"  decided by rule {rule['id']!r} (tier {rule['tier']}, position {rule['position']})" if rule
+                 else f"  {data.get('reason')}")
+    lines += [f"  enforced {p}" for p in data.get("enforced_at", [])]
+    lines += [f"  monitor-only rule {r!r} matches (counted, not enforced)" for r in data.get("monitored", [])]
+    for m in data.get("memberships", []):
+        lines.append(f"  {m['vm']} is {'' if m['member'] else 'NOT '}a member of group {m['group']!r} ({m['selector']})")
+        for ev in m.get("evidence", []):
+            facts = "; ".join(f"{f['attr']}{'.' + f['key'] if f['key'] else ''}={f['value']} ({f['provenance']})"
+                              for f in ev.get("facts", [])) or "no such attribute"
+            lines.append(f"      [{'yes' if ev['satisfied'] else 'no '}] {ev['term']}  <- {facts}")
+    print("\n".join(lines), file=out)
+
+
+def _api(args: argparse.Namespace, err: TextIO, action) -> int:  # type: ignore[no-untyped-def]
+    from controller.client import ApiError, Client
+
+    try:
+        action(Client.from_env(getattr(args, "api", None), getattr(args, "token", None)))
+    except ApiError as exc:
+        print(f"goldilocks: {exc}", file=err)
+        return EXIT_USAGE if exc.status in (0, 401, 403) else EXIT_INVALID
+    return EXIT_OK
+
+
+def _policy_document(path: str) -> dict:
+    """A policy document from a YAML file: either {groups, rules} or a scenario's {groups, policy: {rules}}."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with groups and rules")
+    rules = data.get("rules", (data.get("policy") or {}).get("rules", []))
+    return {"groups": data.get("groups") or {}, "rules": rules or []}
+
+
+def cmd_policy(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    def show(data: object) -> None:
+        print(json.dumps(data, indent=2, sort_keys=True), file=out)
+
+    if args.action == "apply":
+        try:
+            document = _policy_document(args.file)
+        except (OSError, ValueError) as exc:
+            print(f"goldilocks: {exc}", file=err)
+            return EXIT_USAGE
+        body = {"document": document, "comment": args.comment or ""}
+        return _api(args, err, lambda c: print(f"draft saved (based on revision {c.request('PUT', '/policy/draft', body).get('based_on')}); "
+                                               "check it with `goldilocks whatif`, then `goldilocks policy publish`", file=out))
+    if args.action == "validate":
+        return _api(args, err, lambda c: show(c.request("POST", "/policy/draft/validate")))
+    if args.action == "publish":
+        return _api(args, err, lambda c: print(f"published revision {c.request('POST', '/policy/draft/publish')['number']}", file=out))
+    if args.action == "revert":
+        return _api(args, err, lambda c: print(
+            f"revision {args.revision} restored as revision {c.request('POST', '/policy/revert', {'revision': args.revision})['number']}", file=out))
+    if args.action == "discard":
+        return _api(args, err, lambda c: (c.request("DELETE", "/policy/draft"), print("draft discarded", file=out)))
+    if args.action == "history":
+        return _api(args, err, lambda c: show(c.request("GET", "/policy/history")))
+    return _api(args, err, lambda c: show(c.request("GET", "/policy/draft" if args.draft else "/policy")))
+
+
+def cmd_whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    def report(c) -> None:  # type: ignore[no-untyped-def]
+        data = c.request("POST", "/policy/draft/whatif")
+        for title, key in (("newly allowed", "newly_allowed"), ("newly denied", "newly_denied")):
+            items = data.get(key, [])
+            print(f"{title}: {len(items)}", file=out)
+            for it in items:
+                print(f"  {it['src']} -> {it['dst']} {it['service']}: {it['before']} -> {it['after']}", file=out)
+        for f in data.get("flows", []):
+            print(f"flows on {f['hypervisor']}: {f['before']} -> {f['after']} ({f['after'] - f['before']:+d})", file=out)
+        if data.get("truncated"):
+            print("(large fleet: only VMs named by the changed rules were checked)", file=out)
+    return _api(args, err, report)
+
+
+def _api_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="URL", help="API base URL (default $GOLDILOCKS_API or http://127.0.0.1:8080)")
+    p.add_argument("--token", help="bearer token (default $GOLDILOCKS_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="goldilocks", description=(
         "Context-aware microsegmentation for Open vSwitch hypervisors. "
@@ -200,14 +292,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hypervisor", required=True, metavar="NAME", help="hypervisor whose bridge to compile")
     c.add_argument("--stats", action="store_true", help="print flow counts as JSON instead of the flows")
     c.set_defaults(func=cmd_compile)
-    c = sub.add_parser("explain", help="verdict and reasons for a new connection from a VM")
-    c.add_argument("scenario", help="scenario YAML file")
+    c = sub.add_parser("explain", help="verdict and reasons for a new connection from a VM "
+                                       "(from a scenario file, or from the running controller's API)")
+    c.add_argument("scenario", nargs="?", help="scenario YAML file; omit to ask the API")
+    _api_options(c)
     c.add_argument("--src", required=True, metavar="VM", help="source VM name")
     c.add_argument("--dst", required=True, metavar="VM|IP", help="destination VM name or IPv4 address")
     c.add_argument("--proto", required=True, choices=[x for x in PROTOCOLS if x != "any"], help="protocol")
     c.add_argument("--port", type=int, default=0, help="destination port (tcp/udp)")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=cmd_explain)
+    c = sub.add_parser("policy", help="edit, publish and revert the running controller's policy (API client)")
+    c.add_argument("action", choices=["show", "apply", "validate", "publish", "discard", "revert", "history"],
+                   help="show the active policy (--draft: the draft), apply FILE as the draft, validate/publish/"
+                        "discard the draft, revert to REVISION, list the history")
+    c.add_argument("file", nargs="?", help="apply: YAML with groups and rules (or a scenario file)")
+    c.add_argument("--revision", type=int, help="revert: the revision to restore")
+    c.add_argument("--draft", action="store_true", help="show: the draft instead of the active policy")
+    c.add_argument("--comment", help="apply: a note kept with the revision")
+    _api_options(c)
+    c.set_defaults(func=cmd_policy)
+    c = sub.add_parser("whatif", help="what the draft would change: pairs newly allowed or denied, flows per hypervisor")
+    _api_options(c)
+    c.set_defaults(func=cmd_whatif)
     c = sub.add_parser("run", help="run the OpenFlow controller: OVSDB monitors, os-ken app, engine (docs/running.md)")
     c.add_argument("--config", required=True, metavar="FILE", help="controller config YAML")
     c.set_defaults(func=cmd_run)
@@ -218,7 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.func is cmd_policy and args.action == "apply" and not args.file:
+        parser.error("policy apply needs FILE")
+    if args.func is cmd_policy and args.action == "revert" and args.revision is None:
+        parser.error("policy revert needs --revision N")
     return int(args.func(args, out, err))
 
 
