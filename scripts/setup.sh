@@ -2,13 +2,16 @@
 # Install what Goldilocks needs on a Debian 12 machine, and the Python venv. Idempotent.
 #  - apt packages: skipped when all are installed already
 #  - no system Open vSwitch daemons are left running: tests start their own (DESIGN.md §1)
+#  - nor Debian's PostgreSQL cluster: the store tests initdb and start a private server
 #  - .venv with Python >= 3.11, `pip install -e '.[dev]'` (skipped when setup.cfg/pyproject
 #    are unchanged since the last install)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv openssl)
-TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn openssl)
+APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv openssl postgresql)
+TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn openssl runuser)
+# PostgreSQL's server tools live in /usr/lib/postgresql/<version>/bin, off PATH.
+PG_TOOLS=(initdb pg_ctl)
 export PATH="$PATH:/usr/sbin:/sbin"
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -19,7 +22,16 @@ apt_needed() {
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || return 0
     done
     for tool in "${TOOLS[@]}"; do command -v "$tool" >/dev/null || return 0; done
+    for tool in "${PG_TOOLS[@]}"; do pg_tool "$tool" >/dev/null || return 0; done
     return 1
+}
+
+pg_tool() {
+    # The newest installed PostgreSQL's copy of a server tool (tests/store/postgres.py looks
+    # in the same place).
+    local found
+    found="$(ls -d /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | sort -V | tail -n 1)"
+    [ -n "$found" ] && [ -x "$found" ] && echo "$found"
 }
 
 install_packages() {
@@ -62,6 +74,22 @@ stop_system_ovs() {
     done
 }
 
+stop_system_postgresql() {
+    # The package creates and may start a "main" cluster on port 5432; tests never use it.
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        as_root systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+    if command -v pg_lsclusters >/dev/null; then
+        local version cluster status
+        while read -r version cluster _ status _; do
+            if [ "$status" = "online" ]; then
+                echo "setup: stopping system PostgreSQL cluster $version/$cluster"
+                as_root pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+            fi
+        done < <(pg_lsclusters --no-header 2>/dev/null)
+    fi
+}
+
 pick_python() {
     local candidate
     for candidate in python3.11 python3.12 python3 /usr/bin/python3; do
@@ -95,5 +123,6 @@ make_venv() {
 
 install_packages
 stop_system_ovs
+stop_system_postgresql
 make_venv
 echo "setup: done"

@@ -5,7 +5,7 @@ controller.store.records types; SQLAlchemy rows never leave the package.
 """
 
 from controller.store.database import DEFAULT_URL
-from controller.store.errors import Conflict, NotFound, Rejected, StoreError, StoredState
+from controller.store.errors import Conflict, NotFound, Rejected, StoredState, StoreError
 from controller.store.store import Store
 
 __all__ = ["DEFAULT_URL", "Conflict", "NotFound", "Rejected", "Store", "StoreError", "StoredState"]

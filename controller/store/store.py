@@ -21,7 +21,7 @@ from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic
+from controller.model import VM, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic
 from controller.policy.validate import Problem
 from controller.scenario import Scenario
 from controller.store import checks, codec, tokens
@@ -140,6 +140,8 @@ class Store:
         return row
 
     def authenticate(self, token: str) -> Principal | None:
+        if not token:
+            return None
         token_id = tokens.token_id_of(token)
         with self._read() as session:
             query = select(PrincipalRow).where(PrincipalRow.revoked_at.is_(None))
@@ -318,7 +320,8 @@ class Store:
         for key, value in tags.items():
             checks.tag_key(key)
             if not isinstance(value, str):
-                raise ValueError(f"tag {key}: value must be a string, got {value!r}")
+                # ValueError like every other bad input here: callers map it to one answer (422).
+                raise ValueError(f"tag {key}: value must be a string, got {value!r}")  # noqa: TRY004
         with self._write() as session:
             row = checks.vm_row(session, uuid)
             before = codec.vm_of(row)
@@ -654,8 +657,9 @@ def _plain(value: Any) -> Any:
 
 def _document(document: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(document, Mapping):
-        raise ValueError(f"a policy document is a mapping, got {type(document).__name__}")
-    return _plain(dict(document))
+        raise ValueError(f"a policy document is a mapping, got {type(document).__name__}")  # noqa: TRY004
+    plain: dict[str, Any] = _plain(dict(document))
+    return plain
 
 
 def _audit_entry(row: AuditRow) -> AuditEntry:
