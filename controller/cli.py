@@ -183,11 +183,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except ConfigError as exc:
         print(str(exc), file=err)
         return EXIT_INVALID
-    sc = _load(str(config.scenario), err)
-    if sc is None:
+    if config.scenario is not None and _load(str(config.scenario), err) is None:
         return EXIT_INVALID
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(config, sc)
+    return run(config)
 
 
 def _print_explanation(data: dict, as_json: bool, out: TextIO) -> None:
@@ -274,6 +273,16 @@ def cmd_whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return _api(args, err, report)
 
 
+def cmd_audit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    def report(c) -> None:  # type: ignore[no-untyped-def]
+        from datetime import datetime, timezone
+
+        for e in c.request("GET", f"/audit?limit={args.limit}"):
+            when = datetime.fromtimestamp(e["at"], tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{when}  {e['actor']:<12} {e['action']:<24} {e['target']:<28} {e.get('outcome', 'ok')}", file=out)
+    return _api(args, err, report)
+
+
 def _api_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", metavar="URL", help="API base URL (default $GOLDILOCKS_API or http://127.0.0.1:8080)")
     p.add_argument("--token", help="bearer token (default $GOLDILOCKS_TOKEN)")
@@ -315,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("whatif", help="what the draft would change: pairs newly allowed or denied, flows per hypervisor")
     _api_options(c)
     c.set_defaults(func=cmd_whatif)
+    c = sub.add_parser("audit", help="the audit log: who changed what, when (API client)")
+    c.add_argument("--limit", type=int, default=50, help="how many entries, newest first")
+    _api_options(c)
+    c.set_defaults(func=cmd_audit)
     c = sub.add_parser("run", help="run the OpenFlow controller: OVSDB monitors, os-ken app, engine (docs/running.md)")
     c.add_argument("--config", required=True, metavar="FILE", help="controller config YAML")
     c.set_defaults(func=cmd_run)

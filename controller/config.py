@@ -1,6 +1,8 @@
 """The `goldilocks run` configuration file (YAML), validated with every problem located.
 
-    scenario: examples/three-tier.yaml    # inventory, context, groups, policy (relative to this file)
+    scenario: examples/three-tier.yaml    # seeds an empty database on first start (relative to this file)
+    database: sqlite:////var/lib/goldilocks/goldilocks.db   # default: goldilocks.db next to this file
+    api: {listen: 127.0.0.1, port: 8080}  # REST API; `api: false` for none
     openflow:
       listen: 127.0.0.1                   # default: loopback only
       port: 6653
@@ -49,13 +51,20 @@ class HypervisorConfig:
 @dataclass(frozen=True)
 class Config:
     path: Path
-    scenario: Path
+    scenario: Path | None  # seeds an empty database on first start
     listen: str = "127.0.0.1"
     port: int = 6653
     tls: Tls | None = None
     hypervisors: Mapping[str, HypervisorConfig] = field(default_factory=dict)
     apps: tuple[str, ...] = ()
     log_level: str = "INFO"
+    database: str = ""  # SQLAlchemy URL; "" = sqlite file goldilocks.db next to the config
+    api_listen: str = "127.0.0.1"
+    api_port: int | None = 8080  # None: no REST API
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{self.path.parent.resolve() / 'goldilocks.db'}"
 
 
 class ConfigError(ValueError):
@@ -95,15 +104,20 @@ def parse_config(data: Any, path: Path) -> Config:
     base = path.parent
     if not isinstance(data, dict):
         raise ConfigError(str(path), [Problem("(top)", "the config must be a YAML mapping")])
-    _unknown(data, ("scenario", "openflow", "hypervisors", "apps", "log_level"), "", out)
+    _unknown(data, ("scenario", "database", "api", "openflow", "hypervisors", "apps", "log_level"), "", out)
     scenario = data.get("scenario")
-    scenario_path = base
-    if not isinstance(scenario, str):
-        out.append(Problem("scenario", "required: path of the scenario file"))
-    else:
+    scenario_path: Path | None = None
+    if scenario is not None and not isinstance(scenario, str):
+        out.append(Problem("scenario", "must be the path of a scenario file"))
+    elif isinstance(scenario, str):
         scenario_path = (base / scenario).resolve()
         if not scenario_path.is_file():
             out.append(Problem("scenario", f"no such file: {scenario_path}"))
+    database = data.get("database", "")
+    if not isinstance(database, str) or (database and "://" not in database):
+        out.append(Problem("database", f"{database!r} is not a database URL (sqlite:///PATH or postgresql+psycopg://...)"))
+        database = ""
+    api_listen, api_port = _api(data.get("api", {}), out)
     of = data.get("openflow") or {}
     listen, port, tls = "127.0.0.1", 6653, None
     if not isinstance(of, dict):
@@ -129,7 +143,24 @@ def parse_config(data: Any, path: Path) -> Config:
         out.append(Problem("log_level", f"{level!r} (expected one of {', '.join(LOG_LEVELS)})"))
     if out:
         raise ConfigError(str(path), out)
-    return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level)
+    return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level, database, api_listen, api_port)
+
+
+def _api(data: Any, out: list[Problem]) -> tuple[str, int | None]:
+    if data is False:
+        return "127.0.0.1", None
+    if not isinstance(data, dict):
+        out.append(Problem("api", "must be a mapping with listen and port, or false for no API"))
+        return "127.0.0.1", None
+    _unknown(data, ("listen", "port"), "api", out)
+    listen, port = data.get("listen", "127.0.0.1"), data.get("port", 8080)
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError:
+        out.append(Problem("api.listen", f"{listen!r} is not an IP address"))
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        out.append(Problem("api.port", f"{port!r} is not a port number (1-65535)"))
+    return str(listen), port if isinstance(port, int) else None
 
 
 def _hypervisors(data: Any, base: Path, out: list[Problem]) -> dict[str, HypervisorConfig]:

@@ -17,6 +17,7 @@ from controller.events import (
     DirectoryChanged,
     Event,
     GatewayChanged,
+    HypervisorRemoved,
     HypervisorUpserted,
     PolicyChanged,
     PortsObserved,
@@ -149,13 +150,23 @@ class Engine:
 
     def _apply(self, event: Event) -> _Change:
         if isinstance(event, HypervisorUpserted):
-            self._hypervisors[event.hypervisor.name] = event.hypervisor
+            hv, old = event.hypervisor, self._hypervisors.get(event.hypervisor.name)
+            if old is not None:
+                # What OVSDB reported (dpid, uplink) stands until OVSDB says otherwise.
+                hv = replace(hv, dpid=hv.dpid if hv.dpid is not None else old.dpid,
+                             uplink_ofport=hv.uplink_ofport if hv.uplink_ofport is not None else old.uplink_ofport)
+            self._hypervisors[hv.name] = hv
+            return _Change(everything=True)
+        if isinstance(event, HypervisorRemoved):
+            self._hypervisors.pop(event.name, None)
+            self._bridges.pop(event.name, None)
+            self._occupants.pop(event.name, None)
             return _Change(everything=True)
         if isinstance(event, GatewayChanged):
             self._gateway = event.gateway
             return _Change(everything=True)
         if isinstance(event, VmUpserted):
-            return self._set_vms({event.vm.uuid: event.vm})
+            return self._set_vms({event.vm.uuid: _keep_binding(self._raw.get(event.vm.uuid), event.vm)})
         if isinstance(event, VmRemoved):
             return self._set_vms({event.uuid: None})
         if isinstance(event, ContextReported):
@@ -347,6 +358,18 @@ def _addressing(vm: VM | None) -> object:
 
 def _apps(vm: VM | None) -> object:
     return None if vm is None else frozenset(f for f in vm.facts if f.attr is Attr.APP)
+
+
+def _keep_binding(old: VM | None, new: VM) -> VM:
+    """An inventory record says what a VM is; OVSDB says where it is plugged. A new record
+    without ofports keeps the VM where OVSDB put it."""
+    if old is None or any(n.ofport is not None for n in new.vnics):
+        return new
+    bound = {n.mac: n.ofport for n in old.vnics if n.ofport is not None}
+    if not bound:
+        return new
+    return replace(new, hypervisor=old.hypervisor,
+                   vnics=tuple(replace(n, ofport=bound.get(n.mac)) for n in new.vnics))
 
 
 def _bind(vm: VM, hypervisor: str, bound: Mapping[tuple[str, str], int]) -> VM:

@@ -18,6 +18,13 @@ class HypervisorUpserted:
 
 
 @dataclass(frozen=True)
+class HypervisorRemoved:
+    """No longer managed: its bridge keeps whatever flows it has."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class GatewayChanged:
     gateway: Gateway | None
 
@@ -74,4 +81,4 @@ class PortsObserved:
     ports: tuple[BoundPort, ...]
 
 
-Event = Union[PortsObserved, HypervisorUpserted, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]
+Event = Union[PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]

@@ -178,8 +178,11 @@ class Runtime:
     def _engine_event(self, event: Event) -> list[SwitchCommand]:
         out: list[SwitchCommand] = []
         commands = self.engine.handle(event)
+        records = self.engine.hypervisor_records()
+        for gone in set(self._bridges) - set(records):
+            del self._bridges[gone]
         # OVSDB may just have told us which hypervisor a (connected) dpid is.
-        for hv, record in self.engine.hypervisor_records().items():
+        for hv, record in records.items():
             b = self._bridges.setdefault(hv, BridgeSync(hv))
             if record.dpid != b.dpid:
                 self._bridges[hv] = replace(b, dpid=record.dpid, state=SyncState.DISCONNECTED, installed=None)

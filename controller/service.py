@@ -185,16 +185,32 @@ def configure_os_ken(config: Config) -> None:
         conf.set_override("ca_certs", str(config.tls.ca))
 
 
-def run(config: Config, scenario: Scenario) -> int:
+def start_api(config: Config, store: Any, service: Service) -> Any:
+    """The REST API in its own thread (uvicorn); it talks to the engine only through the facade."""
+    import uvicorn
+
+    from controller.api.app import create_app
+
+    app = create_app(store, service.facade)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.api_listen, port=config.api_port or 8080,
+                                           log_level="warning", access_log=False))
+    threading.Thread(target=server.run, name="goldilocks-api", daemon=True).start()
+    return server
+
+
+def run(config: Config) -> int:
     """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops."""
     from os_ken.base import app_manager
 
     import apps.goldilocks_app as app_module
     from apps.guard import install_guard
+    from controller.boot import engine_from_state, open_store
 
+    store = open_store(config.database_url, config.scenario)
     configure_os_ken(config)
     install_guard(logging.getLogger("goldilocks.guard"))
-    service = Service(config, Runtime(engine_from_scenario(scenario)))
+    now = time.time()
+    service = Service(config, Runtime(engine_from_state(store.load_state(now), now)))
     app_module.attach(service)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -209,11 +225,25 @@ def run(config: Config, scenario: Scenario) -> int:
     service.attach_southbound(app.execute)
     service.start_engine()
     service.start_monitors()
-    LOG.info("Goldilocks running: OpenFlow on %s:%d%s, %d hypervisors", config.listen, config.port,
-             " (TLS)" if config.tls else "", len(config.hypervisors))
+    api = start_api(config, store, service) if config.api_port else None
+    LOG.info("Goldilocks running: OpenFlow on %s:%d%s, %d hypervisors, database %s%s", config.listen, config.port,
+             " (TLS)" if config.tls else "", len(config.hypervisors), _safe_url(config.database_url),
+             f", API on http://{config.api_listen}:{config.api_port}" if api else "")
     stop.wait()
     LOG.info("stopping; flows stay on the switches (fail_mode=secure)")
+    if api is not None:
+        api.should_exit = True
     service.stop()
+    store.close()
     logging.shutdown()
     # os-ken's native hub threads are not daemons and cannot be joined cleanly.
     os._exit(0)
+
+
+def _safe_url(url: str) -> str:
+    """The database URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "finance-identity.yaml"
 FIXTURES = ROOT / "tests" / "fixtures" / "malformed"
 GOLDILOCKS = [sys.executable, "-m", "controller.cli"]
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -52,6 +53,7 @@ class Lab:
     uplinks: dict[str, str]
     tmp: Path
     port: int = field(default_factory=free_port)
+    api_port: int = field(default_factory=free_port)
     tls: dict[str, str] | None = None
     apps: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
@@ -64,6 +66,8 @@ class Lab:
             "scenario": str(EXAMPLE),
             "openflow": {"listen": "127.0.0.1", "port": self.port, **({"tls": self.tls} if self.tls else {})},
             "apps": self.apps,
+            "database": f"sqlite:///{self.tmp / 'goldilocks.db'}",
+            "api": {"listen": "127.0.0.1", "port": self.api_port},
             "hypervisors": {hv: {"ovsdb": f"unix:{self.ovs.dir}/db.sock", "bridge": br, "uplinks": [self.uplinks[hv]]}
                             for hv, br in self.bridges.items()},
             "log_level": "INFO",
@@ -77,7 +81,14 @@ class Lab:
         # ovs-vswitchd lives in the sandbox's network namespace: so does its controller.
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.ovs.netns, *GOLDILOCKS, "run",
                                       "--config", str(self.config())], cwd=ROOT,
+                                     env={**os.environ, "GOLDILOCKS_ADMIN_TOKEN": ADMIN_TOKEN},
                                      stdout=log, stderr=subprocess.STDOUT)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The goldilocks command, as an operator on the controller's host runs it."""
+        return subprocess.run(["ip", "netns", "exec", self.ovs.netns, *GOLDILOCKS, *args,
+                               "--api", f"http://127.0.0.1:{self.api_port}", "--token", ADMIN_TOKEN],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
@@ -386,3 +397,77 @@ def test_tls_listener_verifies_switch_certificates(lab: Lab) -> None:
     plain = subprocess.run(["ip", "netns", "exec", lab.ovs.netns, sys.executable, "-c", SEND_AND_WAIT_CLOSE,
                             str(lab.port), "0500000800000002"], capture_output=True, text=True, timeout=30)
     assert plain.stdout.startswith("closed"), plain.stdout
+
+
+def watch_flow_changes(lab: Lab) -> list[subprocess.Popen[bytes]]:
+    return [subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{lab.ovs.dir}/{br}.mgmt", "watch:"],
+                             env=lab.ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for br in lab.bridges.values()]
+
+
+def flow_changes(monitors: list[subprocess.Popen[bytes]]) -> list[str]:
+    for m in monitors:
+        m.terminate()
+    return [line for m in monitors for line in m.communicate(timeout=10)[0].decode().splitlines()
+            if "event=" in line and "event=INITIAL" not in line]
+
+
+def expected_with(lab: Lab, document: dict) -> dict[str, frozenset]:
+    from dataclasses import replace as _replace
+
+    from controller.boot import parse_document
+
+    policy, groups, problems = parse_document(document)
+    assert policy is not None, problems
+    return lab.expected(_replace(lab.scenario, policy=policy, groups=groups))
+
+
+def test_publish_through_the_api_reaches_the_switches_and_survives_a_restart(lab: Lab) -> None:
+    from controller.boot import policy_document_of
+
+    lab.start()
+    lab.converged()
+    wait_for("the API", lambda: lab.cli("policy", "show").returncode == 0)
+    document = policy_document_of(EXAMPLE)
+    document["rules"] = [r for r in document["rules"] if r["id"] != "finance-to-ledger"]
+    draft = lab.tmp / "draft.yaml"
+    draft.write_text(yaml.safe_dump(document))
+    applied = lab.cli("policy", "apply", str(draft), "--comment", "ledger closed for audit")
+    assert applied.returncode == 0, applied.stderr
+    whatif = lab.cli("whatif")
+    assert whatif.returncode == 0 and "fin-desk1 -> ledger-db tcp/5432: allow -> deny" in whatif.stdout, whatif.stdout
+    lab.converged()  # a draft touches no switch
+    published = lab.cli("policy", "publish")
+    assert published.returncode == 0 and "published revision 2" in published.stdout, published.stdout + published.stderr
+    lab.converged(expected_with(lab, document))
+
+    # A publish the store refuses leaves every flow table byte-identical.
+    before = {hv: lab.installed(hv) for hv in lab.bridges}
+    bad = dict(document, rules=document["rules"] + [{"id": "oops", "tier": "application", "position": 99,
+                                                    "source": {"cidr": "10.0.0.1/8"}, "destination": {"group": "nope"},
+                                                    "services": ["tcp/70000"], "action": "allow"}])
+    draft.write_text(yaml.safe_dump(bad))
+    assert lab.cli("policy", "apply", str(draft)).returncode == 0
+    refused = lab.cli("policy", "publish")
+    assert refused.returncode == 1
+    for needle in ("host bits", "unknown group 'nope'", "70000"):
+        assert needle in refused.stderr, refused.stderr
+    time.sleep(1.0)
+    assert {hv: lab.installed(hv) for hv in lab.bridges} == before
+    assert lab.cli("policy", "discard").returncode == 0
+
+    # A restart loads revision 2 from the database and changes nothing on the switches.
+    monitors = watch_flow_changes(lab)
+    assert lab.proc is not None
+    lab.proc.send_signal(signal.SIGTERM)
+    assert lab.proc.wait(timeout=15) == 0
+    lab.start()
+    wait_for("both bridges in sync after the restart", lambda: lab.log().count("in sync") >= 2)
+    time.sleep(0.5)
+    assert flow_changes(monitors) == [], "the restart changed flows"
+    lab.converged(expected_with(lab, document))
+
+    # Every change is in the audit log with its author; the refusal too.
+    audit = lab.cli("audit")
+    assert audit.returncode == 0, audit.stderr
+    assert "policy.publish" in audit.stdout and "admin" in audit.stdout and "rejected" in audit.stdout
