@@ -73,9 +73,9 @@ class Api:
         return str(r.json()["verdict"])
 
 
-def make_api(tmp_path: Path) -> Api:
+def make_api(tmp_path: Path, url: str | None = None) -> Api:
     clock = Clock()
-    store = Store(f"sqlite:///{tmp_path / 'goldilocks.db'}")
+    store = Store(url or f"sqlite:///{tmp_path / 'goldilocks.db'}")
     store.import_scenario(load_scenario(EXAMPLE), policy_document())
     admin = store.bootstrap_admin()
     assert admin is not None
@@ -88,9 +88,12 @@ def make_api(tmp_path: Path) -> Api:
     return Api(app, TestClient(app), store, controller, tokens, clock)
 
 
-@pytest.fixture
-def api(tmp_path: Path) -> Api:
-    return make_api(tmp_path)
+@pytest.fixture(params=("sqlite", "postgresql"))
+def api(request: pytest.FixtureRequest, tmp_path: Path) -> Api:
+    """The API over a real SQLite file, and over a real PostgreSQL server (tests/conftest.py)."""
+    if request.param == "sqlite":
+        return make_api(tmp_path)
+    return make_api(tmp_path, request.getfixturevalue("postgres").url())
 
 
 def snapshot(store: Store) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 from controller.policy.load import parse_policy
 from controller.policy.validate import Problem
 from controller.store import Store
-from tests.store.postgres import PostgresServer, unavailable_reason
+from tests.store.postgres import PostgresServer
 
 BACKENDS = ("sqlite", "postgresql")
 
@@ -25,25 +24,6 @@ class Clock:
     def __call__(self) -> float:
         self.now += 1.0
         return self.now
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    """One private PostgreSQL server for the session; each test gets its own database.
-
-    Skips (on CI: fails) when PostgreSQL is not installed. A server that should start but
-    does not is an error, never a skip.
-    """
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests (scripts/setup.sh installs it)")
-        pytest.skip(reason)
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=BACKENDS)
