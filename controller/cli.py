@@ -273,13 +273,35 @@ def cmd_whatif(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return _api(args, err, report)
 
 
+def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    def report(c) -> None:  # type: ignore[no-untyped-def]
+        rows = [["hypervisor", "connected", "state", "desired", "installed", "last error"]]
+        status = c.request("GET", "/status")
+        for b in status["hypervisors"]:
+            installed = "-" if b.get("installed_flows") is None else str(b["installed_flows"])
+            rows.append([b["hypervisor"], "yes" if b["connected"] else "no", b["state"], str(b["desired_flows"]),
+                         installed, b.get("last_error") or ""])
+        print(format_table(rows), file=out)
+        rows = [["rule", "packets", "bytes", "last hit"]]
+        for h in sorted(c.request("GET", "/rules/hits"), key=lambda h: h["rule_id"]):
+            rows.append([h["rule_id"], str(h["packets"]), str(h["bytes"]),
+                         "never" if h.get("last_hit") is None else _when(h["last_hit"])])
+        print(file=out)
+        print(format_table(rows), file=out)
+    return _api(args, err, report)
+
+
+def _when(epoch: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def cmd_audit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     def report(c) -> None:  # type: ignore[no-untyped-def]
-        from datetime import datetime, timezone
-
         for e in c.request("GET", f"/audit?limit={args.limit}"):
-            when = datetime.fromtimestamp(e["at"], tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            print(f"{when}  {e['actor']:<12} {e['action']:<24} {e['target']:<28} {e.get('outcome', 'ok')}", file=out)
+            print(f"{_when(e['at'])}  {e['actor']:<12} {e['action']:<24} {e['target']:<28} {e.get('outcome', 'ok')}",
+                  file=out)
     return _api(args, err, report)
 
 
@@ -324,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("whatif", help="what the draft would change: pairs newly allowed or denied, flows per hypervisor")
     _api_options(c)
     c.set_defaults(func=cmd_whatif)
+    c = sub.add_parser("status", help="each hypervisor's bridge (connected, in sync, flow counts) and rule hit counts (API client)")
+    _api_options(c)
+    c.set_defaults(func=cmd_status)
     c = sub.add_parser("audit", help="the audit log: who changed what, when (API client)")
     c.add_argument("--limit", type=int, default=50, help="how many entries, newest first")
     _api_options(c)

@@ -20,8 +20,8 @@ from typing import Any
 from controller.config import Config
 from controller.engine import Engine
 from controller.events import Event
-from controller.model import Inventory
 from controller.facade import EngineFacade, HitCounter
+from controller.model import Inventory
 from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
 from controller.scenario import Scenario
 

@@ -11,7 +11,13 @@ from controller.api import schemas as s
 from controller.api.auth import READ, WRITE, allow
 from controller.api.deps import Services, services_of
 from controller.api.errors import Unprocessable
-from controller.events import GatewayChanged, HypervisorRemoved, HypervisorUpserted, VmRemoved, VmUpserted
+from controller.events import (
+    GatewayChanged,
+    HypervisorRemoved,
+    HypervisorUpserted,
+    VmRemoved,
+    VmUpserted,
+)
 from controller.model import VM, Gateway, Hypervisor
 from controller.scenario import default_vm_uuid
 from controller.store import NotFound

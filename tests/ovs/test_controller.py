@@ -471,3 +471,25 @@ def test_publish_through_the_api_reaches_the_switches_and_survives_a_restart(lab
     audit = lab.cli("audit")
     assert audit.returncode == 0, audit.stderr
     assert "policy.publish" in audit.stdout and "admin" in audit.stdout and "rejected" in audit.stdout
+
+
+def test_status_and_rule_hit_counts_come_from_the_switches(lab: Lab) -> None:
+    lab.start()
+    lab.converged()
+    wait_for("the API", lambda: lab.cli("status").returncode == 0)
+    status = lab.cli("status").stdout
+    for hv in lab.bridges:
+        row = next(line for line in status.splitlines() if line.startswith(hv))
+        assert " yes " in row and "in_sync" in row, row
+    for _ in range(3):
+        assert ping(lab.ovs.vms["fin-desk2"], vm_ip(lab, "ledger-db"))
+
+    def counted() -> bool:
+        out = lab.cli("status").stdout
+        row = next((line for line in out.splitlines() if line.startswith("desktops-ping-ledger")), "")
+        return bool(row) and int(row.split()[1]) > 0 and "never" not in row
+
+    wait_for("ping hits on the rule that allows them (counters are read every 10 s)", counted, timeout=40, every=1)
+    out = lab.cli("status").stdout
+    denied = next(line for line in out.splitlines() if line.startswith("finance-to-ledger"))
+    assert denied.split()[1] == "0", "no traffic matched the finance rule"
