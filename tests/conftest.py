@@ -10,6 +10,16 @@ import pytest
 from tests.store.postgres import PostgresServer, unavailable_reason
 
 
+def require(reason: str | None, what: str) -> None:
+    """Skip when this machine cannot run `what` (a real condition: not root, not installed);
+    under CI fail instead, so CI can never pass by skipping."""
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason}; CI must run the {what} tests (scripts/setup.sh installs it)")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     """One private PostgreSQL server for the session; each test gets its own database.
@@ -17,11 +27,7 @@ def postgres() -> Iterator[PostgresServer]:
     Skips (on CI: fails) when PostgreSQL is not installed. A server that should start but
     does not is an error, never a skip.
     """
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the PostgreSQL tests (scripts/setup.sh installs it)")
-        pytest.skip(reason)
+    require(unavailable_reason(), "PostgreSQL")
     server = PostgresServer().start()
     try:
         yield server

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.conftest import require
 from tests.ovs.harness import OvsSandbox, unavailable_reason
 
 BridgeFactory = Callable[..., str]
@@ -27,11 +27,7 @@ def ovs() -> Iterator[OvsSandbox]:
     Skips (on CI: fails) when this machine cannot run it: not root, or OVS not installed.
     A sandbox that should start but does not is an error, never a skip.
     """
-    reason = unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the OVS tests (scripts/setup.sh installs OVS)")
-        pytest.skip(reason)
+    require(unavailable_reason(), "Open vSwitch")
     sandbox = OvsSandbox().start()
     try:
         yield sandbox
