@@ -29,8 +29,21 @@ USER_PROCESS, DEAD_PROCESS, LOGIN_PROCESS = 7, 8, 6
 
 def utmp_record(ut_type: int, user: str, line: str = "pts/0", pid: int = 4242) -> bytes:
     now = int(time.time())
-    return UTMP.pack(ut_type, pid, line.encode(), line[-4:].encode(), user.encode(), b"10.0.0.9",
-                     0, 0, pid, now, 0, b"", b"")
+    return UTMP.pack(
+        ut_type,
+        pid,
+        line.encode(),
+        line[-4:].encode(),
+        user.encode(),
+        b"10.0.0.9",
+        0,
+        0,
+        pid,
+        now,
+        0,
+        b"",
+        b"",
+    )
 
 
 def write_utmp(path: Path, records: list[bytes]) -> None:
@@ -72,18 +85,26 @@ class Api:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def start(self) -> "Api":
+    def start(self) -> Api:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with api.lock:
                     status = api.status
                     if status == 200:
-                        api.posts.append(Post(self.path, self.headers.get("Authorization"),
-                                              json.loads(raw), time.time()))
-                payload = b'{"ok": true}' if status == 200 else b'{"detail": "controller unavailable"}'
+                        api.posts.append(
+                            Post(
+                                self.path,
+                                self.headers.get("Authorization"),
+                                json.loads(raw),
+                                time.time(),
+                            )
+                        )
+                payload = (
+                    b'{"ok": true}' if status == 200 else b'{"detail": "controller unavailable"}'
+                )
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
@@ -118,19 +139,30 @@ class Api:
 class Proc:
     """A real `python -m MODULE --config FILE` process, with its output kept in a file."""
 
-    def __init__(self, module: str, config: dict[str, Any], workdir: Path, name: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        config: dict[str, Any],
+        workdir: Path,
+        name: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config_path = workdir / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / f"{name}.log"
         self.module, self.env = module, env or {}
         self.popen: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         with self.log_path.open("ab") as out:
-            self.popen = subprocess.Popen([sys.executable, "-m", self.module, "--config", str(self.config_path)],
-                                          cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", self.module, "--config", str(self.config_path)],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         return self
 
     @property
@@ -164,7 +196,9 @@ def send_lines(path: str, lines: list[bytes], pause: float = 0.0) -> None:
 
 
 def msg(seq: int, context: dict[str, Any], kind: str = "report", **extra: Any) -> bytes:
-    return json.dumps({"seq": seq, "kind": kind, "sent_at": time.time(), "context": context, **extra}).encode()
+    return json.dumps(
+        {"seq": seq, "kind": kind, "sent_at": time.time(), "context": context, **extra}
+    ).encode()
 
 
 def read_status(path: Path) -> dict[str, Any]:

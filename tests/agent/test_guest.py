@@ -9,16 +9,31 @@ from typing import Any
 
 import pytest
 
-from tests.agent.support import DEAD_PROCESS, USER_PROCESS, LineServer, Proc, utmp_record, wait_for, write_utmp
+from tests.agent.support import (
+    DEAD_PROCESS,
+    USER_PROCESS,
+    LineServer,
+    Proc,
+    utmp_record,
+    wait_for,
+    write_utmp,
+)
 
 
 @pytest.fixture
 def agent_config(workdir: Path) -> dict[str, Any]:
     (workdir / "os-release").write_text('PRETTY_NAME="Guest OS 1"\n')
     write_utmp(workdir / "utmp", [])
-    return {"channel": f"unix:{workdir}/vm.sock", "interval": 0.1, "heartbeat": 0.5,
-            "utmp": str(workdir / "utmp"), "os_release": str(workdir / "os-release"),
-            "labels": ["pci"], "posture": {"always": "true", "never": "false"}, "posture_interval": 0}
+    return {
+        "channel": f"unix:{workdir}/vm.sock",
+        "interval": 0.1,
+        "heartbeat": 0.5,
+        "utmp": str(workdir / "utmp"),
+        "os_release": str(workdir / "os-release"),
+        "labels": ["pci"],
+        "posture": {"always": "true", "never": "false"},
+        "posture_interval": 0,
+    }
 
 
 @pytest.fixture
@@ -34,14 +49,23 @@ def test_report_then_heartbeats_then_a_login(agent: Proc, workdir: Path) -> None
     agent.start()
     first = wait_for("first report", lambda: server.messages())[0]
     assert first["kind"] == "report" and first["seq"] > started_us
-    assert first["context"] == {"users": [], "apps": {}, "os": "Guest OS 1", "labels": ["pci"],
-                                "posture": {"always": "pass", "never": "fail"}}
+    assert first["context"] == {
+        "users": [],
+        "apps": {},
+        "os": "Guest OS 1",
+        "labels": ["pci"],
+        "posture": {"always": "pass", "never": "fail"},
+    }
     assert not {"vm", "uuid"} & set(first)  # the agent never names its VM
-    beats = wait_for("two heartbeats", lambda: [m for m in server.messages() if m["kind"] == "heartbeat"][1:])
+    beats = wait_for(
+        "two heartbeats", lambda: [m for m in server.messages() if m["kind"] == "heartbeat"][1:]
+    )
     assert beats[0]["context"] == first["context"]
 
     write_utmp(workdir / "utmp", [utmp_record(USER_PROCESS, "alice")])
-    login = wait_for("login report", lambda: [m for m in server.messages() if m["context"]["users"] == ["alice"]])
+    login = wait_for(
+        "login report", lambda: [m for m in server.messages() if m["context"]["users"] == ["alice"]]
+    )
     assert login[0]["kind"] == "report"
     write_utmp(workdir / "utmp", [utmp_record(DEAD_PROCESS, "alice")])
     wait_for("logout report", lambda: server.messages()[-1]["context"]["users"] == [])
@@ -78,7 +102,7 @@ def test_seq_keeps_increasing_across_restarts(agent: Proc, workdir: Path) -> Non
     assert agent.terminate() == 0
     before = server.messages()
     agent.start()
-    after = wait_for("a message from the new agent", lambda: server.messages()[len(before):])
+    after = wait_for("a message from the new agent", lambda: server.messages()[len(before) :])
     assert min(m["seq"] for m in after) > max(m["seq"] for m in before)
     assert agent.terminate() == 0
     server.close()

@@ -9,8 +9,13 @@ import pytest
 from agent import messages
 from agent.ratelimit import TokenBucket
 
-CONTEXT = {"users": ["alice"], "apps": {"postgres": ["tcp/5432"]}, "os": "Debian GNU/Linux 12",
-           "labels": ["pci"], "posture": {"disk_encrypted": "pass"}}
+CONTEXT = {
+    "users": ["alice"],
+    "apps": {"postgres": ["tcp/5432"]},
+    "os": "Debian GNU/Linux 12",
+    "labels": ["pci"],
+    "posture": {"disk_encrypted": "pass"},
+}
 
 
 def line(**fields: object) -> bytes:
@@ -31,27 +36,52 @@ def test_a_good_line() -> None:
 
 
 def test_unknown_context_keys_are_not_forwarded() -> None:
-    msg = messages.parse(line(context={**CONTEXT, "groups": {"alice": ["admins"]}, "hostname": "db1"}))
+    msg = messages.parse(
+        line(context={**CONTEXT, "groups": {"alice": ["admins"]}, "hostname": "db1"})
+    )
     assert set(msg.context) == {"users", "apps", "os", "labels", "posture"}
 
 
-@pytest.mark.parametrize("raw", [
-    line(vm="web2"), line(uuid="0b0e..."), line(VM="x"), line(vm_uuid="x"),
-    line(context={**CONTEXT, "vm": "web2"}), line(context={**CONTEXT, "uuid": "x"}),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        line(vm="web2"),
+        line(uuid="0b0e..."),
+        line(VM="x"),
+        line(vm_uuid="x"),
+        line(context={**CONTEXT, "vm": "web2"}),
+        line(context={**CONTEXT, "uuid": "x"}),
+    ],
+)
 def test_naming_a_vm_drops_the_message(raw: bytes) -> None:
     assert reason(raw) == "named_vm"
 
 
-@pytest.mark.parametrize("raw", [
-    b"not json", b"[1, 2]", b"\xff\xfe", line(seq="7"), line(seq=-1), line(seq=True), line(seq=2**64),
-    line(kind="hello"), line(sent_at="now"), line(sent_at=float("nan")), line(context=[]),
-    line(context={**CONTEXT, "users": "alice"}), line(context={**CONTEXT, "users": ["bad name"]}),
-    line(context={**CONTEXT, "apps": {"pg": ["any"]}}), line(context={**CONTEXT, "apps": {"pg": ["tcp/0"]}}),
-    line(context={**CONTEXT, "apps": {"pg": "tcp/5432"}}), line(context={**CONTEXT, "os": ""}),
-    line(context={**CONTEXT, "posture": {"disk": "maybe"}}), line(context={**CONTEXT, "labels": [1]}),
-    line(context={**CONTEXT, "users": [f"u{i}" for i in range(300)]}),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1, 2]",
+        b"\xff\xfe",
+        line(seq="7"),
+        line(seq=-1),
+        line(seq=True),
+        line(seq=2**64),
+        line(kind="hello"),
+        line(sent_at="now"),
+        line(sent_at=float("nan")),
+        line(context=[]),
+        line(context={**CONTEXT, "users": "alice"}),
+        line(context={**CONTEXT, "users": ["bad name"]}),
+        line(context={**CONTEXT, "apps": {"pg": ["any"]}}),
+        line(context={**CONTEXT, "apps": {"pg": ["tcp/0"]}}),
+        line(context={**CONTEXT, "apps": {"pg": "tcp/5432"}}),
+        line(context={**CONTEXT, "os": ""}),
+        line(context={**CONTEXT, "posture": {"disk": "maybe"}}),
+        line(context={**CONTEXT, "labels": [1]}),
+        line(context={**CONTEXT, "users": [f"u{i}" for i in range(300)]}),
+    ],
+)
 def test_malformed(raw: bytes) -> None:
     assert reason(raw) == "malformed"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -32,10 +33,16 @@ sys.stdin.read()
 
 class Listener:
     def __init__(self, name: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", LISTENER, name], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", LISTENER, name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
-        self.tcp, self.udp, self.tcp6, self.connected_udp = map(int, self.proc.stdout.readline().split())
+        self.tcp, self.udp, self.tcp6, self.connected_udp = map(
+            int, self.proc.stdout.readline().split()
+        )
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -105,3 +112,36 @@ def test_parse_table() -> None:
 
 def test_comm_names_are_truncated_like_the_kernel() -> None:
     assert procnet.app_names({"es": ["elasticsearch-server"]}) == {"elasticsearch-s": "es"}
+
+
+def _can_unshare_net() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(["unshare", "-n", "true"], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_unshare_net(), reason="needs root (unshare -n) for a second network namespace"
+)
+def test_apps_in_another_network_namespace_are_not_ours() -> None:
+    """A simulated VM (own netns, shared process table) must not claim another VM's apps."""
+    script = (
+        "import ctypes, socket, sys\n"
+        "ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)\n"
+        "s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen()\n"
+        "print(s.getsockname()[1], flush=True); sys.stdin.read()\n"
+    )
+    other = subprocess.Popen(
+        ["unshare", "-n", sys.executable, "-c", script, COMM],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert other.stdout is not None
+        assert other.stdout.readline().strip()  # it is up and listening, in its own namespace
+        assert procnet.running_apps(APPS) == {}
+    finally:
+        other.kill()
+        other.wait(10)

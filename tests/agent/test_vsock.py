@@ -45,11 +45,26 @@ def vsock_bindable() -> bool:
 @pytest.mark.skipif(not vsock_bindable(), reason="no AF_VSOCK transport on this machine")
 def test_relay_listens_on_vsock_and_agent_keeps_trying(workdir: Path) -> None:
     (workdir / "token").write_text("t")
-    relay = Proc("agent.relay", {"hypervisor": "hv1", "api": "http://127.0.0.1:9", "token_file": str(workdir / "token"),
-                                 "vsock": {3: VM}, "vsock_port": 17070, "status_file": str(workdir / "st.json"),
-                                 "status_interval": 0.1}, workdir, "relay")
-    agent = Proc("agent.guest", {"channel": "vsock:2:17070", "interval": 0.1, "utmp": str(workdir / "u")},
-                 workdir, "agent")
+    relay = Proc(
+        "agent.relay",
+        {
+            "hypervisor": "hv1",
+            "api": "http://127.0.0.1:9",
+            "token_file": str(workdir / "token"),
+            "vsock": {3: VM},
+            "vsock_port": 17070,
+            "status_file": str(workdir / "st.json"),
+            "status_interval": 0.1,
+        },
+        workdir,
+        "relay",
+    )
+    agent = Proc(
+        "agent.guest",
+        {"channel": "vsock:2:17070", "interval": 0.1, "utmp": str(workdir / "u")},
+        workdir,
+        "agent",
+    )
     try:
         relay.start()
         wait_for("relay up", lambda: (workdir / "st.json").exists())

@@ -22,6 +22,7 @@ from controller.flows.render import render_flows
 from controller.policy.explain import explain
 from controller.scenario import Scenario, load_scenario
 from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
+from tests.support import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "finance-identity.yaml"
@@ -345,22 +346,6 @@ def test_extra_os_ken_apps_named_in_the_config_are_loaded(lab: Lab) -> None:
     lab.start()
     lab.converged()
     assert "instantiating app os_ken.app.ofctl.service" in lab.log()
-
-
-def make_pki(tmp: Path) -> dict[str, Path]:
-    """A CA, a controller certificate and a switch certificate signed by it, and a rogue switch
-    certificate signed by nobody we trust."""
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True)
-
-    for ca in ("ca", "rogue-ca"):
-        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
-            "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
-    for name, ca in (("controller", "ca"), ("switch", "ca"), ("rogue", "rogue-ca")):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
-            "-days", "2", "-out", f"{name}.crt")
-    return {p.stem + p.suffix: p for p in tmp.iterdir()}
 
 
 TLS_HANDSHAKE = """

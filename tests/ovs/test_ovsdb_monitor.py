@@ -6,13 +6,16 @@ import logging
 import queue
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.ovs.conftest import BridgeFactory
 from tests.ovs.harness import OvsSandbox, find_tool
+from tests.support import make_pki
 from topology.inventory import ObservedBridge, ObservedPort
 from topology.ovsdb import OvsdbMonitor
 
@@ -230,3 +233,69 @@ class tcp_remote:
     def _appctl(self, *args: str) -> None:
         subprocess.run([find_tool("ovs-appctl") or "ovs-appctl", "-t", str(self.ovs.ovsdb_ctl),
                         *args], env=self.ovs.env, check=True, capture_output=True, timeout=10)
+
+
+class ssl_ovsdb:
+    """A second, standalone ovsdb-server with the vswitch schema, serving only ssl: with a CA
+    that must have signed the client's certificate (as a hypervisor's OVSDB would)."""
+
+    def __init__(self, tmp: Path, pki: dict[str, Path]) -> None:
+        self.dir, self.pki = tmp / "ssl-ovsdb", pki
+        self.dir.mkdir()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.sock = self.dir / "db.sock"
+
+    def __enter__(self) -> str:
+        db = self.dir / "conf.db"
+        subprocess.run([find_tool("ovsdb-tool") or "ovsdb-tool", "create", str(db),
+                        "/usr/share/openvswitch/vswitch.ovsschema"], check=True, capture_output=True)
+        self.proc = subprocess.Popen([
+            find_tool("ovsdb-server") or "ovsdb-server", str(db), f"--remote=punix:{self.sock}",
+            f"--remote=pssl:{self.port}:127.0.0.1", f"--private-key={self.pki['switch.key']}",
+            f"--certificate={self.pki['switch.crt']}", f"--ca-cert={self.pki['ca.crt']}",
+            f"--unixctl={self.dir / 'ovsdb.ctl'}", f"--log-file={self.dir / 'ovsdb.log'}",
+        ], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(self.sock.exists, 10), "ssl ovsdb-server did not start"
+        vsctl = [find_tool("ovs-vsctl") or "ovs-vsctl", f"--db=unix:{self.sock}", "--no-wait"]
+        subprocess.run([*vsctl, "init"], check=True, capture_output=True)
+        subprocess.run([*vsctl, "add-br", "brs", "--", "set", "Bridge", "brs", "fail_mode=secure",
+                        "--", "add-port", "brs", "vnet0", "--", "set", "Interface", "vnet0",
+                        f"external_ids:vm-id={VM_A}", "external_ids:attached-mac=52:54:00:00:00:0a"],
+                       check=True, capture_output=True)
+        return f"ssl:127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+def test_an_ssl_remote_works_and_needs_a_certificate_the_server_trusts(
+        tmp_path: Path, start_monitor: MonitorFactory) -> None:
+    pki = make_pki(tmp_path)
+    with ssl_ovsdb(tmp_path, pki) as remote:
+        _, snapshots = start_monitor("brs", remote=remote, ssl=(
+            str(pki["controller.key"]), str(pki["controller.crt"]), str(pki["ca.crt"])))
+        seen = snapshots.wait_for(lambda s: port(s, "vnet0") is not None)
+        assert seen.fail_mode == "secure" and port(seen, "vnet0").vm_uuid == VM_A
+        # python-ovs keeps one SSL identity per process, so each other client runs on its own.
+        for who, expect in (("controller", "snapshot"), ("rogue", "no snapshot")):
+            proc = subprocess.run([sys.executable, "-c", SSL_CLIENT, remote, str(pki[f"{who}.key"]),
+                                   str(pki[f"{who}.crt"]), str(pki["ca.crt"])],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT)
+            assert proc.stdout.strip() == expect, f"{who}: {proc.stdout}{proc.stderr}"
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+SSL_CLIENT = """
+import sys, threading
+from topology.ovsdb import OvsdbMonitor
+got = threading.Event()
+m = OvsdbMonitor("hv1", sys.argv[1], "brs", lambda s: got.set(), ssl=(sys.argv[2], sys.argv[3], sys.argv[4]))
+m.start()
+print("snapshot" if got.wait(5) else "no snapshot")
+m.stop()
+"""
