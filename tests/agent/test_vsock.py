@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import uuid
@@ -14,6 +15,7 @@ from agent.relay import Relay, RelayConfig
 from tests.agent.support import Proc, wait_for
 
 VM = str(uuid.uuid4())
+PORT = random.randint(20000, 60000)
 
 
 def test_channel_addresses() -> None:
@@ -52,7 +54,7 @@ def test_relay_listens_on_vsock_and_agent_keeps_trying(workdir: Path) -> None:
             "api": "http://127.0.0.1:9",
             "token_file": str(workdir / "token"),
             "vsock": {3: VM},
-            "vsock_port": 17070,
+            "vsock_port": PORT,
             "status_file": str(workdir / "st.json"),
             "status_interval": 0.1,
         },
@@ -61,7 +63,7 @@ def test_relay_listens_on_vsock_and_agent_keeps_trying(workdir: Path) -> None:
     )
     agent = Proc(
         "agent.guest",
-        {"channel": "vsock:2:17070", "interval": 0.1, "utmp": str(workdir / "u")},
+        {"channel": f"vsock:2:{PORT}", "interval": 0.1, "utmp": str(workdir / "u")},
         workdir,
         "agent",
     )
