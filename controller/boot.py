@@ -87,7 +87,8 @@ def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True)
     if unplugged:
         vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in vms.items()}
         hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in hvs.items()}
-    return Engine(Inventory(hvs, vms, state.inventory.gateway), state.directory, policy, groups)
+    expiries = {(r.vm_uuid, r.provenance): r.expires_at for r in state.contexts if r.expires_at is not None}
+    return Engine(Inventory(hvs, vms, state.inventory.gateway), state.directory, policy, groups, expiries)
 
 
 def open_store(url: str, scenario: Path | None, out: TextIO = sys.stdout) -> Store:

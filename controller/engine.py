@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from controller.commands import Command, FlushZones, ProgramBridge
 from controller.events import (
+    ContextExpiry,
     ContextReported,
     DirectoryChanged,
     Event,
@@ -38,7 +39,7 @@ from controller.flows.reconcile import FlowOp, diff, plan
 from controller.flows.types import FlowSpec
 from controller.identity.graph import Directory, effective_vm
 from controller.identity.groups import GroupDef, GroupIndex
-from controller.model import VM, Attr, Gateway, Hypervisor, Inventory, Provenance
+from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance
 from controller.policy.schema import AnyEndpoint, AppService, GroupEndpoint, Policy, Rule
 
 
@@ -86,7 +87,10 @@ class _Change:
 
 class Engine:
     def __init__(self, inventory: Inventory, directory: Directory, policy: Policy,
-                 groups: Mapping[str, GroupDef]) -> None:
+                 groups: Mapping[str, GroupDef],
+                 expiries: Mapping[tuple[str, Provenance], float] | None = None) -> None:
+        # When each source's context of each VM stops counting (epoch seconds).
+        self._expires: dict[tuple[str, Provenance], float] = dict(expiries or {})
         self._hypervisors: dict[str, Hypervisor] = dict(inventory.hypervisors)
         self._gateway: Gateway | None = inventory.gateway
         self._raw: dict[str, VM] = dict(inventory.vms)  # as reported, facts from every source
@@ -168,6 +172,8 @@ class Engine:
         if isinstance(event, VmUpserted):
             return self._set_vms({event.vm.uuid: _keep_binding(self._raw.get(event.vm.uuid), event.vm)})
         if isinstance(event, VmRemoved):
+            for provenance in (Provenance.GUEST, Provenance.AUTHORITATIVE):
+                self._expires.pop((event.uuid, provenance), None)
             return self._set_vms({event.uuid: None})
         if isinstance(event, ContextReported):
             return self._report_context(event)
@@ -177,6 +183,8 @@ class Engine:
             return self._change_policy(event.policy, event.groups)
         if isinstance(event, PortsObserved):
             return self._observe_ports(event)
+        if isinstance(event, ContextExpiry):
+            return self._expire(event.now)
         raise TypeError(f"unknown event {event!r}")
 
     def _observe_ports(self, event: PortsObserved) -> _Change:
@@ -206,8 +214,30 @@ class Engine:
             return _Change()
         if event.provenance is Provenance.PLATFORM:
             raise ValueError("platform facts come with the VM record, not as context")
+        key = (vm.uuid, event.provenance)
+        if event.expires_at is None:
+            self._expires.pop(key, None)
+        else:
+            self._expires[key] = event.expires_at
         kept = frozenset(f for f in vm.facts if f.provenance is not event.provenance)
-        return self._set_vms({vm.uuid: replace(vm, facts=kept | event.facts)})
+        old = frozenset(f for f in vm.facts if f.provenance is event.provenance)
+        new = replace(vm, facts=kept | event.facts)
+        if _claims(old) == _claims(event.facts):
+            # A heartbeat: the same claims, newer. No flow depends on when a fact was seen.
+            self._raw[vm.uuid] = new
+            self._effective[vm.uuid] = effective_vm(new, self._directory)
+            return _Change()
+        return self._set_vms({vm.uuid: new})
+
+    def _expire(self, now: float) -> _Change:
+        due = [key for key, at in self._expires.items() if at <= now]
+        updates: dict[str, VM | None] = {}
+        for uuid, provenance in due:
+            del self._expires[(uuid, provenance)]
+            vm = updates.get(uuid) or self._raw.get(uuid)
+            if vm is not None:
+                updates[uuid] = replace(vm, facts=frozenset(f for f in vm.facts if f.provenance is not provenance))
+        return self._set_vms(updates) if updates else _Change()
 
     def _change_directory(self, event: DirectoryChanged) -> _Change:
         if event.groups:
@@ -350,6 +380,11 @@ class _MembersView(Mapping[str, frozenset[str]]):
 
     def __len__(self) -> int:
         return len(self._groups)
+
+
+def _claims(facts: frozenset[Fact]) -> frozenset[tuple[object, ...]]:
+    """What facts say, without when they were observed."""
+    return frozenset((f.attr, f.key, f.value, f.provenance) for f in facts)
 
 
 def _addressing(vm: VM | None) -> object:

@@ -48,6 +48,15 @@ class ContextReported:
     uuid: str
     provenance: Provenance  # GUEST (agent via relay) or AUTHORITATIVE (IdP, EDR)
     facts: frozenset[Fact]
+    expires_at: float | None = None  # epoch seconds; past it these facts stop counting
+
+
+@dataclass(frozen=True)
+class ContextExpiry:
+    """Wall-clock time passes: context whose time to live is over is dropped, and every grant
+    that rested on it is revoked (established connections included)."""
+
+    now: float
 
 
 @dataclass(frozen=True)
@@ -81,4 +90,4 @@ class PortsObserved:
     ports: tuple[BoundPort, ...]
 
 
-Event = Union[PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]
+Event = Union[ContextExpiry, PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]

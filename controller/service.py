@@ -19,7 +19,7 @@ from typing import Any
 
 from controller.config import Config
 from controller.engine import Engine
-from controller.events import Event
+from controller.events import ContextExpiry, Event
 from controller.facade import EngineFacade, HitCounter
 from controller.model import Inventory
 from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
@@ -124,10 +124,18 @@ class Service:
                 continue
             now = self._clock()
             if not isinstance(event, Tick) and now - last_tick >= TICK_SECONDS:
-                self._run(Tick(), now)
-            if isinstance(event, Tick):
+                self._tick(now)
                 last_tick = now
-            self._run(event, now)
+            if isinstance(event, Tick):
+                self._tick(now)
+                last_tick = now
+            else:
+                self._run(event, now)
+
+    def _tick(self, now: float) -> None:
+        self._run(Tick(), now)
+        # Context time-to-live is wall-clock time (expires_at is an epoch, stored in the database).
+        self._run(ContextExpiry(time.time()), now)
 
     def _answer(self, item: _Call) -> None:
         try:

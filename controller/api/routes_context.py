@@ -51,7 +51,7 @@ def _report(svc: Services, who: Principal, vm: VM, provenance: Provenance, facts
     record = svc.store.put_context(vm.uuid, provenance, facts, actor=who.name, observed_at=when, expires_at=expires)
     now = svc.clock()
     live = facts if expires is None or expires > now else frozenset()
-    svc.controller.submit(ContextReported(vm.uuid, provenance, live))
+    svc.controller.submit(ContextReported(vm.uuid, provenance, live, expires))
     return convert.record_out(record, now)
 
 

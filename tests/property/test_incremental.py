@@ -14,6 +14,7 @@ from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import (
     BoundPort,
+    ContextExpiry,
     ContextReported,
     DirectoryChanged,
     GatewayChanged,
@@ -100,11 +101,13 @@ vm_events = st.builds(
 )
 remove_events = st.builds(lambda i: VmRemoved(f"vm-{i}"), st.integers(0, N_VMS - 1))
 context_events = st.builds(
-    lambda i, users, pg, os, auth: ContextReported(
-        f"vm-{i}", Provenance.AUTHORITATIVE if auth else Provenance.GUEST, guest_facts(tuple(users), pg, os)),
+    lambda i, users, pg, os, auth, ttl: ContextReported(
+        f"vm-{i}", Provenance.AUTHORITATIVE if auth else Provenance.GUEST, guest_facts(tuple(users), pg, os), ttl),
     st.integers(0, N_VMS - 1), st.lists(st.sampled_from(USERS), max_size=2, unique=True),
     st.sampled_from((None, 5432, 5433)), st.sampled_from((None, "linux", "windows")), st.booleans(),
+    st.sampled_from((None, 10.0, 20.0)),
 )
+expiry_events = st.builds(ContextExpiry, st.sampled_from((5.0, 10.0, 15.0, 25.0)))
 directory_events = st.builds(
     lambda u, gs: DirectoryChanged(u, frozenset(gs)),
     st.sampled_from(USERS), st.lists(st.sampled_from(("finance", "staff")), max_size=2, unique=True),
@@ -140,7 +143,7 @@ def ports_observed(draw: st.DrawFn) -> PortsObserved:
     return PortsObserved(hv, None, draw(st.sampled_from((None, 100))), ports)
 
 
-events = st.one_of(ports_observed(), ports_observed(), vm_events, vm_events, remove_events, context_events, context_events, directory_events,
+events = st.one_of(expiry_events, ports_observed(), ports_observed(), vm_events, vm_events, remove_events, context_events, context_events, directory_events,
                    policy_events(), infra_events)
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from controller.engine import Engine
-from controller.events import DirectoryChanged, PolicyChanged
+from controller.events import ContextExpiry, ContextReported, DirectoryChanged, PolicyChanged
 from controller.flows.compile import compile_bridge
 from controller.flows.fleet import Fleet, ip_packet, reply_of
 from controller.flows.types import ip_to_int, mac_to_int
-from controller.model import VM
+from controller.model import VM, Provenance
 from controller.policy.explain import explain
 from controller.scenario import Scenario, load_scenario
 from tests.support import login_again_event, logout_event
@@ -193,3 +193,23 @@ def test_monitor_rule_changes_no_verdict() -> None:
                     a = _fleet(engine).send(src, _packet(src, dst, proto, port)).delivered
                     b = _fleet(other).send(src, _packet(src, dst, proto, port)).delivered
                     assert a == b
+
+
+def test_context_past_its_ttl_revokes_its_grants_and_cuts_established_connections() -> None:
+    """An agent that goes silent: its guest context expires, and with it the login grant —
+    established connections included — while platform-based access stays."""
+    engine, desk, ledger, fleet = _finance()
+    guest = frozenset(f for f in desk.facts if f.provenance is Provenance.GUEST and f.attr.value != "usergroup")
+    engine.handle(ContextReported(desk.uuid, Provenance.GUEST, guest, expires_at=1000.0))
+    _reprogram(fleet, engine)
+    syn = _packet(desk, ledger, "tcp", 5432)
+    assert fleet.send(desk, syn).delivered
+    engine.handle(ContextReported(desk.uuid, Provenance.GUEST, guest, expires_at=1015.0))  # a heartbeat
+    assert engine.handle(ContextExpiry(1010.0)) == [], "not yet expired"
+    assert fleet.send(desk, syn).delivered
+    assert engine.handle(ContextExpiry(1015.0)), "expiry changes flows"
+    _reprogram(fleet, engine)
+    assert not fleet.send(desk, syn).delivered, "the established connection survived the expiry"
+    assert not fleet.send(ledger, reply_of(syn)).delivered
+    ping = _packet(desk, ledger, "icmp", 0)
+    assert fleet.send(desk, ping).delivered, "platform-based access (desktops may ping) stays"
