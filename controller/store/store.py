@@ -356,6 +356,12 @@ class Store:
     def _put_context(self, session: Session, record: ContextRecord, actor: str) -> None:
         row = session.get(ContextRow, (record.vm_uuid, record.provenance.value))
         before = None if row is None else codec.context_json(codec.context_of(row))
+        if row is not None and _heartbeat(codec.context_of(row), record):
+            # The same claims from the same reporter, still live: only the clock moves. An agent
+            # heartbeats every few seconds; auditing each would bury the changes that matter.
+            row.observed_at = record.observed_at
+            row.expires_at = record.expires_at
+            return
         if row is None:
             row = ContextRow(vm_uuid=record.vm_uuid, provenance=record.provenance.value)
             session.add(row)
@@ -596,6 +602,15 @@ class Store:
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+
+def _claims(facts: frozenset[Fact]) -> frozenset[tuple[object, ...]]:
+    return frozenset((f.attr, f.key, f.value, f.provenance) for f in facts)
+
+
+def _heartbeat(stored: ContextRecord, new: ContextRecord) -> bool:
+    live = stored.expires_at is None or stored.expires_at > new.observed_at
+    return live and stored.reported_by == new.reported_by and _claims(stored.facts) == _claims(new.facts)
 
 
 def _principal_args(name: str, role: Role, hypervisor: str | None) -> None:

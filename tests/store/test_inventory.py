@@ -185,3 +185,18 @@ def test_directory(store: Store) -> None:
     assert store.directory() == {"alice": frozenset({"finance", "staff"}), "bob": frozenset({"eng", "oncall"})}
     store.set_directory_user("alice", frozenset(), actor="idp")  # removes her
     assert store.directory() == {"bob": frozenset({"eng", "oncall"})}
+
+
+def test_a_heartbeat_refreshes_context_without_an_audit_entry(hvs: Store) -> None:
+    """Agents re-send unchanged context every few seconds: the TTL moves, the audit log does not."""
+    desk = hvs.create_vm(vm("desk", 1), actor="admin")
+    alice = frozenset({Fact(Attr.USER, "", "alice", Provenance.GUEST, 100.0)})
+    hvs.put_context(desk.uuid, Provenance.GUEST, alice, actor="relay-hv1", observed_at=100.0, expires_at=115.0)
+    entries = len(hvs.audit_log(limit=1000))
+    later = frozenset({Fact(Attr.USER, "", "alice", Provenance.GUEST, 105.0)})
+    hvs.put_context(desk.uuid, Provenance.GUEST, later, actor="relay-hv1", observed_at=105.0, expires_at=120.0)
+    assert len(hvs.audit_log(limit=1000)) == entries
+    (record,) = [r for r in hvs.get_context(desk.uuid) if r.provenance is Provenance.GUEST]
+    assert record.expires_at == 120.0
+    hvs.put_context(desk.uuid, Provenance.GUEST, frozenset(), actor="relay-hv1", observed_at=106.0, expires_at=121.0)
+    assert len(hvs.audit_log(limit=1000)) == entries + 1, "a logout is a change: audited"
