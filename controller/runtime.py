@@ -137,6 +137,8 @@ class Runtime:
             hv: BridgeSync(hv, dpid=record.dpid) for hv, record in engine.hypervisor_records().items()}
         self._connected: set[int] = set()  # dpids connected, mapped to a hypervisor or not
         self._next_bundle = 1
+        # What the last inventory/context/policy event did to each bridge's desired flows.
+        self.last_effect: dict[str, dict[str, int]] = {}
         self._counters_at: float | None = None
 
     # ---- reading -----------------------------------------------------------------------------
@@ -178,6 +180,7 @@ class Runtime:
     def _engine_event(self, event: Event) -> list[SwitchCommand]:
         out: list[SwitchCommand] = []
         commands = self.engine.handle(event)
+        self.last_effect = {c.hypervisor: _count_ops(c.ops) for c in commands if isinstance(c, ProgramBridge)}
         records = self.engine.hypervisor_records()
         for gone in set(self._bridges) - set(records):
             del self._bridges[gone]
@@ -274,6 +277,13 @@ class Runtime:
                 else:
                     self._bridges[hv] = replace(b, state=SyncState.DISCONNECTED, retry_at=None)
         return out
+
+
+def _count_ops(ops: Iterable[FlowOp]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for op in ops:
+        counts[op.kind.value] = counts.get(op.kind.value, 0) + 1
+    return counts
 
 
 def dpids(commands: Iterable[SwitchCommand]) -> set[int]:

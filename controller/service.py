@@ -19,7 +19,7 @@ from typing import Any
 
 from controller.config import Config
 from controller.engine import Engine
-from controller.events import ContextExpiry, Event
+from controller.events import ContextExpiry, ContextReported, Event
 from controller.facade import EngineFacade, HitCounter
 from controller.model import Inventory
 from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
@@ -51,8 +51,10 @@ class _Call:
 
 
 class Service:
-    def __init__(self, config: Config, runtime: Runtime, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: Config, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
+                 audit: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
         self.config = config
+        self._audit = audit  # (action, target, details): effects of context changes on flows
         self.runtime = runtime
         self._queue: queue.Queue[Event | SwitchEvent | _Call | None] = queue.Queue()
         self._clock = clock
@@ -152,6 +154,7 @@ class Service:
             LOG.exception("engine failed on %r", type(event).__name__)
             return
         self._log_transitions(before)
+        self._audit_effect(event)
         for cmd in commands:
             if self._execute is None:
                 LOG.error("no southbound attached; dropping %s", type(cmd).__name__)
@@ -161,6 +164,20 @@ class Service:
             except Exception:
                 LOG.exception("southbound failed on %s", type(cmd).__name__)
 
+
+    def _audit_effect(self, event: Event | SwitchEvent) -> None:
+        """A context change (or its expiry) and what it did to the flows, in the audit log."""
+        if self._audit is None or not isinstance(event, (ContextReported, ContextExpiry)):
+            return
+        effect = self.runtime.last_effect
+        if isinstance(event, ContextExpiry) and not effect:
+            return  # the clock ticked and nothing expired
+        target = f"vm:{event.uuid}" if isinstance(event, ContextReported) else "context"
+        action = "context.effect" if isinstance(event, ContextReported) else "context.expired"
+        try:
+            self._audit(action, target, {"flows": effect})
+        except Exception:
+            LOG.exception("could not audit the effect of %s", type(event).__name__)
 
     def _log_transitions(self, before: dict[str, SyncState]) -> None:
         for b in self.runtime.bridges():
@@ -218,7 +235,9 @@ def run(config: Config) -> int:
     configure_os_ken(config)
     install_guard(logging.getLogger("goldilocks.guard"))
     now = time.time()
-    service = Service(config, Runtime(engine_from_state(store.load_state(now), now)))
+    service = Service(config, Runtime(engine_from_state(store.load_state(now), now)),
+                      audit=lambda action, target, details: store.record_event(
+                          actor="system", action=action, target=target, details=details))
     app_module.attach(service)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

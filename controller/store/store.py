@@ -553,6 +553,11 @@ class Store:
         with self._write() as session:
             self._audit(session, actor, action, target, outcome=f"rejected: {why}", details=details)
 
+    def record_event(self, *, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
+        """Something that happened without a stored change, e.g. what a context change did to flows."""
+        with self._write() as session:
+            self._audit(session, actor, action, target, details=details)
+
     # ---- the engine's view -----------------------------------------------------------------
 
     def load_state(self, now: float) -> StoredState:
