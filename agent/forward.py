@@ -34,7 +34,16 @@ def guest_url(api: str, vm: str) -> str:
 def post_guest_context(
     api: str, token: str, vm: str, body: dict[str, Any], timeout: float
 ) -> Outcome:
-    req = urllib.request.Request(guest_url(api, vm), data=json.dumps(body).encode(), method="POST")
+    return _post(guest_url(api, vm), token, body, timeout, api)
+
+
+def post_rejection(api: str, token: str, vm: str, body: dict[str, Any], timeout: float) -> Outcome:
+    """Report refused guest messages for `vm` (reason, count, detail) to the controller's audit log."""
+    return _post(guest_url(api, vm) + "/rejected", token, body, timeout, api)
+
+
+def _post(url: str, token: str, body: dict[str, Any], timeout: float, api: str) -> Outcome:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
     req.add_header("Content-Type", "application/json")
     req.add_header("Accept", "application/json")
     req.add_header("Authorization", f"Bearer {token}")

@@ -35,7 +35,7 @@ from agent.config import (
     setup_logging,
     vsock_family,
 )
-from agent.forward import Outcome, post_guest_context
+from agent.forward import Outcome, post_guest_context, post_rejection
 from agent.ratelimit import TokenBucket
 
 log = logging.getLogger("goldilocks-relay")
@@ -54,6 +54,7 @@ MAX_LINE = 256 * 1024
 MAX_CONNECTIONS = 4  # per VM; a newer connection closes the oldest
 MAX_RETRY_BACKOFF = 5.0
 LOG_EVERY = 1.0  # seconds between two log lines of one kind for one VM
+REPORT_EVERY = 2.0  # seconds: refused guest messages are reported to the controller's audit log in batches
 FORWARD_LOG_EVERY = 10.0
 DEFAULT_VSOCK_PORT = 7070
 TOKEN_ENV = "GOLDILOCKS_RELAY_TOKEN"
@@ -162,6 +163,7 @@ class VmState:
         self.last_error: str | None = None
         self.connections: list[socket.socket] = []
         self._logged: dict[str, float] = {}
+        self.unreported: dict[str, tuple[int, str]] = {}  # reason -> (count, last detail)
 
     def receive(self, line: bytes) -> str:
         """Check one line from the VM's channel; returns "accepted" or the counter it went to."""
@@ -187,6 +189,8 @@ class VmState:
     def drop(self, reason: str, detail: str) -> str:
         with self.cond:
             self.counters[reason] += 1
+            count, _ = self.unreported.get(reason, (0, ""))
+            self.unreported[reason] = (count + 1, detail)
             if self._may_log(reason, LOG_EVERY):
                 log.warning(
                     "vm %s: dropped (%s): %s [%s so far]",
@@ -404,6 +408,7 @@ class Relay:
             )
         for state in self.states.values():
             self._thread(self._forward_loop, state)
+        self._thread(self._report_loop)
         log.info(
             "relay for %s up: %d VMs, API %s",
             self.config.hypervisor,
@@ -433,6 +438,21 @@ class Relay:
             backoff = min(MAX_RETRY_BACKOFF, max(0.5, backoff * 2)) if outcome.retry else 0.0
             if backoff:
                 self.stop.wait(backoff)
+
+    def _report_loop(self) -> None:
+        """Tell the controller what was refused, so its audit log has it (batched per reason)."""
+        while not self.stop.wait(REPORT_EVERY):
+            for state in self.states.values():
+                with state.cond:
+                    batch, state.unreported = state.unreported, {}
+                for reason, (count, detail) in sorted(batch.items()):
+                    outcome = post_rejection(self.config.api, self.config.token, state.vm,
+                                             {"reason": reason, "count": count, "detail": detail[:500]},
+                                             self.config.api_timeout)
+                    if outcome.retry:
+                        with state.cond:  # keep it for the next round
+                            again, _ = state.unreported.get(reason, (0, detail))
+                            state.unreported[reason] = (again + count, detail)
 
     def status(self) -> dict[str, Any]:
         return {

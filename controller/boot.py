@@ -20,6 +20,7 @@ from controller.engine import Engine
 from controller.identity.groups import GroupDef
 from controller.model import VM, Fact, Inventory
 from controller.policy.load import parse_policy
+from controller.policy.quarantine import MANUAL_ONLY, QuarantinePolicy
 from controller.policy.schema import Policy
 from controller.policy.validate import Problem
 from controller.scenario import load_scenario
@@ -67,7 +68,10 @@ def engine_vm(store_vm: VM, records: Iterable[ContextRecord], now: float, seen: 
                                    for n in vm.vnics))
 
 
-def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True) -> Engine:
+def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True,
+                      quarantine: QuarantinePolicy = MANUAL_ONLY,
+                      quarantined: Mapping[str, Iterable[str]] | None = None,
+                      released: Mapping[str, Iterable[str]] | None = None) -> Engine:
     """The engine as the database describes the world (DESIGN.md §7). With `unplugged`, vNICs
     start without ofports and hypervisors without dpids: in a live fleet OVSDB says where they
     are. A stored policy that no longer parses fails closed (default deny) and says so."""
@@ -88,7 +92,8 @@ def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True)
         vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in vms.items()}
         hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in hvs.items()}
     expiries = {(r.vm_uuid, r.provenance): r.expires_at for r in state.contexts if r.expires_at is not None}
-    return Engine(Inventory(hvs, vms, state.inventory.gateway), state.directory, policy, groups, expiries)
+    return Engine(Inventory(hvs, vms, state.inventory.gateway), state.directory, policy, groups, expiries,
+                  quarantine=quarantine, quarantined=quarantined, released=released)
 
 
 def open_store(url: str, scenario: Path | None, out: TextIO = sys.stdout) -> Store:

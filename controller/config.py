@@ -11,6 +11,12 @@
       hv1: {ovsdb: "unix:/var/run/openvswitch/db.sock", bridge: br-int, uplinks: [uplink0], set_fail_secure: true}
     apps: []                              # extra os-ken apps to load, as ryu-manager would
     log_level: INFO
+    quarantine:                           # optional; these are the defaults (docs/quarantine.md)
+      on_edr: true                        # an EDR verdict (posture.edr=fail) quarantines
+      on_posture_fail: false              # a failing guest posture check quarantines
+      posture_checks: []                  # ...only these checks; [] = any
+      on_agent_silent: false              # guest context past its TTL quarantines
+      remediation_group: remediation      # stays reachable from quarantined VMs; null = none
 
 See docs/running.md.
 """
@@ -25,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from controller.policy.quarantine import QuarantinePolicy
 from controller.policy.validate import Problem
 
 OVSDB_SCHEMES = ("unix:", "tcp:", "ssl:")
@@ -61,6 +68,7 @@ class Config:
     database: str = ""  # SQLAlchemy URL; "" = sqlite file goldilocks.db next to the config
     api_listen: str = "127.0.0.1"
     api_port: int | None = 8080  # None: no REST API
+    quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
 
     @property
     def database_url(self) -> str:
@@ -104,7 +112,7 @@ def parse_config(data: Any, path: Path) -> Config:
     base = path.parent
     if not isinstance(data, dict):
         raise ConfigError(str(path), [Problem("(top)", "the config must be a YAML mapping")])
-    _unknown(data, ("scenario", "database", "api", "openflow", "hypervisors", "apps", "log_level"), "", out)
+    _unknown(data, ("scenario", "database", "api", "openflow", "hypervisors", "apps", "log_level", "quarantine"), "", out)
     scenario = data.get("scenario")
     scenario_path: Path | None = None
     if scenario is not None and not isinstance(scenario, str):
@@ -141,9 +149,48 @@ def parse_config(data: Any, path: Path) -> Config:
     level = str(data.get("log_level", "INFO")).upper()
     if level not in LOG_LEVELS:
         out.append(Problem("log_level", f"{level!r} (expected one of {', '.join(LOG_LEVELS)})"))
+    quarantine = _quarantine(data.get("quarantine"), out)
     if out:
         raise ConfigError(str(path), out)
-    return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level, database, api_listen, api_port)
+    return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level, database, api_listen, api_port,
+                  quarantine=quarantine)
+
+
+def _quarantine(data: Any, out: list[Problem]) -> QuarantinePolicy:
+    default = QuarantinePolicy()
+    if data is None:
+        return default
+    if not isinstance(data, dict):
+        out.append(Problem("quarantine", "must be a mapping (on_edr, on_posture_fail, posture_checks, "
+                                         "on_agent_silent, remediation_group)"))
+        return default
+    _unknown(data, ("on_edr", "on_posture_fail", "posture_checks", "on_agent_silent", "remediation_group"),
+             "quarantine", out)
+    flags: dict[str, bool] = {}
+    for key in ("on_edr", "on_posture_fail", "on_agent_silent"):
+        value = data.get(key, getattr(default, key))
+        if not isinstance(value, bool):
+            out.append(Problem(f"quarantine.{key}", f"{value!r}: must be true or false"))
+            value = getattr(default, key)
+        flags[key] = value
+    checks = data.get("posture_checks", [])
+    if checks is None:
+        checks = []
+    if not isinstance(checks, list):
+        out.append(Problem("quarantine.posture_checks", "must be a list of posture check names ([] = any)"))
+        checks = []
+    for i, check in enumerate(checks):
+        if not isinstance(check, str) or not check.strip():
+            out.append(Problem(f"quarantine.posture_checks[{i}]", f"{check!r} is not a posture check name"))
+    group = data.get("remediation_group", default.remediation_group)
+    if group is not None and (not isinstance(group, str) or not group.strip()):
+        out.append(Problem("quarantine.remediation_group", f"{group!r}: must be a group name, or null for none"))
+        group = default.remediation_group
+    return QuarantinePolicy(
+        on_edr=flags["on_edr"], on_posture_fail=flags["on_posture_fail"],
+        posture_checks=tuple(c for c in checks if isinstance(c, str) and c.strip()),
+        on_agent_silent=flags["on_agent_silent"], remediation_group=group,
+    )
 
 
 def _api(data: Any, out: list[Problem]) -> tuple[str, int | None]:

@@ -22,6 +22,8 @@ from controller.events import (
     HypervisorUpserted,
     PolicyChanged,
     PortsObserved,
+    QuarantineReleased,
+    QuarantineRequested,
     VmRemoved,
     VmUpserted,
 )
@@ -33,6 +35,7 @@ from controller.flows.compile import (
     bridge_parts,
     gateway_part,
     port_part,
+    quarantine_part,
     rule_part,
 )
 from controller.flows.reconcile import FlowOp, diff, plan
@@ -40,6 +43,15 @@ from controller.flows.types import FlowSpec
 from controller.identity.graph import Directory, effective_vm
 from controller.identity.groups import GroupDef, GroupIndex
 from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance
+from controller.policy.quarantine import (
+    MANUAL_ONLY,
+    QuarantinePolicy,
+    QuarantineState,
+    release,
+    request,
+    step,
+    triggers,
+)
 from controller.policy.schema import AnyEndpoint, AppService, GroupEndpoint, Policy, Rule
 
 
@@ -82,13 +94,21 @@ class _Change:
     groups: frozenset[str] = frozenset()  # groups whose membership changed
     rules: frozenset[str] = frozenset()  # rule ids added, removed or changed
     everything: bool = False
+    quarantine: bool = False  # the set of quarantined VMs changed
     flush: tuple[tuple[str, int], ...] = ()  # (hypervisor, zone) whose port changed hands
 
 
 class Engine:
     def __init__(self, inventory: Inventory, directory: Directory, policy: Policy,
                  groups: Mapping[str, GroupDef],
-                 expiries: Mapping[tuple[str, Provenance], float] | None = None) -> None:
+                 expiries: Mapping[tuple[str, Provenance], float] | None = None,
+                 quarantine: QuarantinePolicy = MANUAL_ONLY,
+                 quarantined: Mapping[str, Iterable[str]] | None = None,
+                 released: Mapping[str, Iterable[str]] | None = None) -> None:
+        """`quarantine`: which triggers quarantine a VM (default: none, only operators' requests;
+        `goldilocks run` passes the configured policy). `quarantined` (uuid -> reasons) and `released` (uuid -> trigger reasons acknowledged
+        at the last release) rebuild quarantine state from the database; see `quarantined()`."""
+        self.last_expired: tuple[tuple[str, str], ...] = ()  # (uuid, provenance) the last ContextExpiry dropped
         # When each source's context of each VM stops counting (epoch seconds).
         self._expires: dict[tuple[str, Provenance], float] = dict(expiries or {})
         self._hypervisors: dict[str, Hypervisor] = dict(inventory.hypervisors)
@@ -102,6 +122,17 @@ class Engine:
         for vm in self._effective.values():
             self._index.update_vm(vm)
         self._occupants: dict[str, dict[int, str]] = {}  # hypervisor -> ofport -> MAC seen there
+        self._qpolicy = quarantine
+        self._silent: set[str] = set()  # VMs whose guest context expired (agent silent)
+        self._quarantine: dict[str, QuarantineState] = {}
+        for uuid in set(quarantined or {}) | set(released or {}):
+            state = QuarantineState(tuple((quarantined or {}).get(uuid, ())), frozenset((released or {}).get(uuid, ())))
+            if state != QuarantineState():
+                self._quarantine[uuid] = state
+        self._quarantined = {u: st.reasons for u, st in self._quarantine.items() if st.quarantined}  # compiler reads
+        self._touched: set[str] = set()  # during one event: VMs whose silence changed
+        # Triggers holding at start that nobody acknowledged fire now (fail closed).
+        self._step_quarantine(self._raw)
         self._bridges: dict[str, BridgeFlows] = {}
         for hv in self._hypervisors:
             self._rebuild_bridge(hv)
@@ -112,13 +143,15 @@ class Engine:
         """An immutable snapshot, safe to hand to readers on other threads."""
         members = {g: self._index.members(g) for g in self._groups}
         inventory = Inventory(dict(self._hypervisors), dict(self._effective), self._gateway)
-        return World(inventory, members, self._policy)
+        return World(inventory, members, self._policy, quarantined=dict(self._quarantined),
+                     remediation_group=self._qpolicy.remediation_group)
 
     def view(self) -> World:
         """The current world without copying: only for use on the engine's own thread, and only
         until the next event."""
         inventory = Inventory(self._hypervisors, self._effective, self._gateway)
-        return World(inventory, _MembersView(self._index, self._groups), self._policy)
+        return World(inventory, _MembersView(self._index, self._groups), self._policy,
+                     quarantined=self._quarantined, remediation_group=self._qpolicy.remediation_group)
 
     @property
     def groups(self) -> Mapping[str, GroupDef]:
@@ -127,6 +160,19 @@ class Engine:
     @property
     def directory(self) -> Mapping[str, frozenset[str]]:
         return dict(self._directory)
+
+    @property
+    def quarantine_policy(self) -> QuarantinePolicy:
+        return self._qpolicy
+
+    def quarantined(self) -> Mapping[str, tuple[str, ...]]:
+        """Quarantined VMs (uuid -> reasons, in the order they fired): persist this."""
+        return dict(self._quarantined)
+
+    def released(self) -> Mapping[str, tuple[str, ...]]:
+        """Per VM, the trigger reasons an operator acknowledged by releasing it while they held:
+        they quarantine again only after clearing and firing anew. Persist this too."""
+        return {u: tuple(sorted(s.released)) for u, s in self._quarantine.items() if s.released}
 
     def desired(self, hypervisor: str) -> frozenset[FlowSpec]:
         return self._bridges[hypervisor].flows()
@@ -140,7 +186,12 @@ class Engine:
     # ---- writing -----------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Command]:
+        before = frozenset(self._quarantined)
+        self._touched = set()
         change = self._apply(event)
+        self._step_quarantine(self._touched | change.vms)
+        if frozenset(self._quarantined) != before:
+            change = replace(change, quarantine=True)
         world = self.view()
         commands: list[Command] = []
         for hv in sorted(self._hypervisors):
@@ -174,7 +225,18 @@ class Engine:
         if isinstance(event, VmRemoved):
             for provenance in (Provenance.GUEST, Provenance.AUTHORITATIVE):
                 self._expires.pop((event.uuid, provenance), None)
+            self._silent.discard(event.uuid)
+            # Quarantine outlives the record: a VM deleted and re-created is still isolated.
             return self._set_vms({event.uuid: None})
+        if isinstance(event, QuarantineRequested):
+            if event.uuid in self._raw:
+                self._set_quarantine(event.uuid, request(self._quarantine_of(event.uuid), event.reason, event.by))
+            return _Change()
+        if isinstance(event, QuarantineReleased):
+            vm = self._raw.get(event.uuid)
+            current = triggers(vm, event.uuid in self._silent, self._qpolicy) if vm is not None else ()
+            self._set_quarantine(event.uuid, release(self._quarantine_of(event.uuid), current))
+            return _Change()
         if isinstance(event, ContextReported):
             return self._report_context(event)
         if isinstance(event, DirectoryChanged):
@@ -215,6 +277,9 @@ class Engine:
         if event.provenance is Provenance.PLATFORM:
             raise ValueError("platform facts come with the VM record, not as context")
         key = (vm.uuid, event.provenance)
+        if event.provenance is Provenance.GUEST and vm.uuid in self._silent:
+            self._silent.discard(vm.uuid)  # the agent speaks again
+            self._touched.add(vm.uuid)
         if event.expires_at is None:
             self._expires.pop(key, None)
         else:
@@ -231,9 +296,13 @@ class Engine:
 
     def _expire(self, now: float) -> _Change:
         due = [key for key, at in self._expires.items() if at <= now]
+        self.last_expired = tuple(sorted((u, p.value) for u, p in due))
         updates: dict[str, VM | None] = {}
         for uuid, provenance in due:
             del self._expires[(uuid, provenance)]
+            if provenance is Provenance.GUEST and uuid in self._raw:
+                self._silent.add(uuid)
+                self._touched.add(uuid)
             vm = updates.get(uuid) or self._raw.get(uuid)
             if vm is not None:
                 updates[uuid] = replace(vm, facts=frozenset(f for f in vm.facts if f.provenance is not provenance))
@@ -291,6 +360,47 @@ class Engine:
         self._groups = dict(groups)
         return _Change(groups=frozenset(changed_groups | redefined), rules=frozenset(rules))
 
+    # ---- quarantine --------------------------------------------------------------------------
+
+    def _quarantine_of(self, uuid: str) -> QuarantineState:
+        return self._quarantine.get(uuid, QuarantineState())
+
+    def _set_quarantine(self, uuid: str, state: QuarantineState) -> None:
+        if state == QuarantineState():
+            self._quarantine.pop(uuid, None)
+        else:
+            self._quarantine[uuid] = state
+        if state.quarantined:
+            self._quarantined[uuid] = state.reasons
+        else:
+            self._quarantined.pop(uuid, None)
+
+    def _step_quarantine(self, uuids: Iterable[str]) -> None:
+        """Step the quarantine state of `uuids` with the triggers that hold for them now."""
+        for uuid in uuids:
+            vm = self._raw.get(uuid)
+            current = triggers(vm, uuid in self._silent, self._qpolicy) if vm is not None else ()
+            old = self._quarantine_of(uuid)
+            new = step(old, current)
+            if new != old:
+                self._set_quarantine(uuid, new)
+
+    def _quarantine_affected(self, change: _Change, world: World) -> bool:
+        """The quarantine part reads the quarantined set, the remediation group's members and the
+        addresses and ports of both."""
+        if change.quarantine:
+            return True
+        if not self._quarantined:
+            return False
+        group = self._qpolicy.remediation_group
+        if group is not None and group in change.groups:
+            return True
+        touched = change.readdressed
+        if not touched:
+            return False
+        helpers = world.members.get(group, frozenset()) if group is not None else frozenset()
+        return bool(touched & (self._quarantined.keys() | helpers))
+
     # ---- recompute ---------------------------------------------------------------------------
 
     def _rebuild_bridge(self, hv: str, world: World | None = None) -> tuple[set[FlowSpec], set[FlowSpec]]:
@@ -333,6 +443,8 @@ class Engine:
         for rule in self._policy.rules:
             if rule.id not in change.rules and self._rule_affected(rule, change, world):
                 fresh[("rule", rule.id)] = rule_part(rule, world, hv)
+        if self._quarantine_affected(change, world):
+            fresh[("quarantine",)] = quarantine_part(world, hv)
         fresh.setdefault(("gateway",), gateway_part(self._gateway, hypervisor))
         added: set[FlowSpec] = set()
         removed: set[FlowSpec] = set()

@@ -90,4 +90,22 @@ class PortsObserved:
     ports: tuple[BoundPort, ...]
 
 
-Event = Union[ContextExpiry, PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]
+@dataclass(frozen=True)
+class QuarantineRequested:
+    """An operator isolates a VM by hand (see controller/policy/quarantine.py)."""
+
+    uuid: str
+    reason: str
+    by: str
+
+
+@dataclass(frozen=True)
+class QuarantineReleased:
+    """An operator ends a VM's quarantine; the triggers holding now do not quarantine it again
+    until they clear and fire anew."""
+
+    uuid: str
+    by: str
+
+
+Event = Union[QuarantineRequested, QuarantineReleased, ContextExpiry, PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]

@@ -138,6 +138,9 @@ class EngineFacade:
         ids = self._call(lambda rt: [r.id for r in rt.engine.view().policy.rules])
         return self.hits.hits(ids)
 
+    def quarantined(self) -> Mapping[str, tuple[str, ...]]:
+        return self._call(lambda rt: dict(rt.engine.quarantined()))
+
     def healthy(self) -> bool:
         if not self._alive():
             return False

@@ -13,7 +13,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -52,8 +52,11 @@ class _Call:
 
 class Service:
     def __init__(self, config: Config, runtime: Runtime, clock: Callable[[], float] = time.monotonic,
-                 audit: Callable[[str, str, dict[str, Any]], None] | None = None) -> None:
+                 audit: Callable[[str, str, dict[str, Any]], None] | None = None,
+                 persist_quarantine: Callable[[Mapping[str, Any], Mapping[str, Any]], None] | None = None) -> None:
         self.config = config
+        self._persist_quarantine = persist_quarantine
+        self._quarantine_saved: tuple[Any, Any] | None = None
         self._audit = audit  # (action, target, details): effects of context changes on flows
         self.runtime = runtime
         self._queue: queue.Queue[Event | SwitchEvent | _Call | None] = queue.Queue()
@@ -155,6 +158,7 @@ class Service:
             return
         self._log_transitions(before)
         self._audit_effect(event)
+        self._save_quarantine()
         for cmd in commands:
             if self._execute is None:
                 LOG.error("no southbound attached; dropping %s", type(cmd).__name__)
@@ -165,17 +169,34 @@ class Service:
                 LOG.exception("southbound failed on %s", type(cmd).__name__)
 
 
+    def _save_quarantine(self) -> None:
+        """Quarantine is truth that must survive a restart: store it whenever it changes."""
+        if self._persist_quarantine is None:
+            return
+        state = (dict(self.runtime.engine.quarantined()), dict(self.runtime.engine.released()))
+        if state == self._quarantine_saved:
+            return
+        try:
+            self._persist_quarantine(*state)
+            self._quarantine_saved = state
+        except Exception:
+            LOG.exception("could not store the quarantine state; retrying on the next event")
+
     def _audit_effect(self, event: Event | SwitchEvent) -> None:
         """A context change (or its expiry) and what it did to the flows, in the audit log."""
         if self._audit is None or not isinstance(event, (ContextReported, ContextExpiry)):
             return
-        effect = self.runtime.last_effect
-        if isinstance(event, ContextExpiry) and not effect:
-            return  # the clock ticked and nothing expired
-        target = f"vm:{event.uuid}" if isinstance(event, ContextReported) else "context"
-        action = "context.effect" if isinstance(event, ContextReported) else "context.expired"
+        effect: dict[str, Any] = {"flows": self.runtime.last_effect}
+        if isinstance(event, ContextExpiry):
+            expired = self.runtime.engine.last_expired
+            if not expired:
+                return  # the clock ticked and nothing expired
+            action, target = "context.expired", ",".join(f"vm:{uuid}" for uuid, _ in expired)
+            effect["expired"] = [{"vm": uuid, "provenance": p} for uuid, p in expired]
+        else:
+            action, target = "context.effect", f"vm:{event.uuid}"
         try:
-            self._audit(action, target, {"flows": effect})
+            self._audit(action, target, effect)
         except Exception:
             LOG.exception("could not audit the effect of %s", type(event).__name__)
 
@@ -235,9 +256,13 @@ def run(config: Config) -> int:
     configure_os_ken(config)
     install_guard(logging.getLogger("goldilocks.guard"))
     now = time.time()
-    service = Service(config, Runtime(engine_from_state(store.load_state(now), now)),
+    quarantined, released = store.quarantine_state()
+    engine = engine_from_state(store.load_state(now), now, quarantine=config.quarantine,
+                               quarantined=quarantined, released=released)
+    service = Service(config, Runtime(engine),
                       audit=lambda action, target, details: store.record_event(
-                          actor="system", action=action, target=target, details=details))
+                          actor="system", action=action, target=target, details=details),
+                      persist_quarantine=lambda q, r: store.save_quarantine(q, r, actor="engine"))
     app_module.attach(service)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -62,5 +62,8 @@ class ControllerPort(Protocol):
 
     def rule_hits(self) -> Mapping[str, RuleHits]: ...
 
+    def quarantined(self) -> Mapping[str, tuple[str, ...]]:
+        """Quarantined VM uuids and why."""
+
     def healthy(self) -> bool:
         """The engine thread is alive and answering."""

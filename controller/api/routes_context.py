@@ -6,6 +6,7 @@ context (identity provider logins, EDR verdicts) from operators' integrations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
@@ -16,8 +17,15 @@ from controller.api.auth import READ, RELAY, WRITE, allow, forbidden
 from controller.api.deps import Services, services_of
 from controller.api.errors import Unprocessable
 from controller.api.routes_inventory import find_vm
-from controller.events import ContextReported, DirectoryChanged
+from controller.events import (
+    ContextReported,
+    DirectoryChanged,
+    QuarantineReleased,
+    QuarantineRequested,
+)
 from controller.model import VM, Attr, Fact, Provenance, format_port_list, parse_port
+from controller.policy.quarantine import EDR_CHECK
+from controller.store import Conflict
 from controller.store.records import ContextRecord, Principal
 
 router = APIRouter(tags=["context"])
@@ -27,7 +35,6 @@ Relay = Annotated[Principal, Depends(allow(*RELAY))]
 Svc = Annotated[Services, Depends(services_of)]
 
 MAX_FUTURE = 300.0  # seconds of clock skew tolerated in observed_at
-EDR_CHECK = "edr"
 EDR_POSTURE = {"clean": "pass", "suspicious": "fail", "malicious": "fail"}  # unknown: no fact
 
 
@@ -89,6 +96,16 @@ def post_guest(vm: str, body: s.GuestContextIn, who: Relay, svc: Svc) -> s.Conte
     return _report(svc, who, stored, Provenance.GUEST, guest_facts(body, when), when, expires)
 
 
+@router.post("/vms/{vm}/context/guest/rejected", status_code=204,
+             summary="A relay reports guest messages it refused (audited; nothing else changes)")
+def post_guest_rejected(vm: str, body: s.GuestRejectionIn, who: Relay, svc: Svc) -> None:
+    stored = find_vm(svc, vm)
+    _relay_may_speak_for(svc, who, stored)
+    svc.store.record_rejection(actor=who.name, action="context.guest", target=f"vm:{stored.uuid}",
+                               why=f"{body.reason} at the relay",
+                               details={"reason": body.reason, "count": body.count, "detail": body.detail})
+
+
 # ---- authoritative context (identity provider, EDR) -----------------------------------------
 
 
@@ -138,3 +155,54 @@ def put_directory(user: Annotated[str, Path(min_length=1, max_length=128, patter
     svc.store.set_directory_user(user, groups, actor=who.name)
     svc.controller.submit(DirectoryChanged(user, groups))
     return s.DirectoryUserOut(user=user, groups=sorted(groups))
+
+
+# ---- quarantine ----------------------------------------------------------------------------
+
+
+def _quarantined(svc: Services) -> Mapping[str, tuple[str, ...]]:
+    """uuid -> reasons, as the engine holds them."""
+    read = getattr(svc.controller, "quarantined", None)
+    if callable(read):
+        return dict(read())
+    # Until ControllerPort/EngineFacade grow quarantined(): read on the engine thread directly.
+    call = svc.controller._call  # type: ignore[attr-defined]
+    return dict(call(lambda rt: rt.engine.quarantined()))
+
+
+def _quarantine_out(svc: Services, uuid: str, name: str | None) -> s.QuarantineOut:
+    reasons = _quarantined(svc).get(uuid, ())
+    return s.QuarantineOut(uuid=uuid, vm=name, quarantined=bool(reasons), reasons=list(reasons))
+
+
+@router.get("/quarantine", response_model=list[s.QuarantineOut], summary="Quarantined VMs and why")
+def get_quarantine(who: Reader, svc: Svc) -> list[s.QuarantineOut]:
+    names = {vm.uuid: vm.name for vm in svc.store.list_vms()}
+    held = _quarantined(svc)
+    return sorted((s.QuarantineOut(uuid=u, vm=names.get(u), quarantined=True, reasons=list(r)) for u, r in held.items()),
+                  key=lambda q: (q.vm or "", q.uuid))
+
+
+@router.post("/vms/{vm}/quarantine", response_model=s.QuarantineOut,
+             summary="Quarantine a VM by hand: only the remediation group stays reachable")
+def post_quarantine(vm: str, body: s.QuarantineIn, who: Writer, svc: Svc) -> s.QuarantineOut:
+    stored = find_vm(svc, vm)
+    svc.store.record_event(actor=who.name, action="vm.quarantine", target=f"vm:{stored.uuid}",
+                           details={"reason": body.reason})
+    svc.controller.submit(QuarantineRequested(stored.uuid, body.reason, who.name))
+    return _quarantine_out(svc, stored.uuid, stored.name)
+
+
+@router.post("/vms/{vm}/release", response_model=s.QuarantineOut,
+             summary="Release a quarantined VM (409 if it is not quarantined)")
+def post_release(vm: str, who: Writer, svc: Svc) -> s.QuarantineOut:
+    stored = find_vm(svc, vm)
+    reasons = _quarantined(svc).get(stored.uuid)
+    if not reasons:
+        svc.store.record_rejection(actor=who.name, action="vm.release", target=f"vm:{stored.uuid}",
+                                   why="not quarantined")
+        raise Conflict(f"vm {stored.name}: not quarantined")
+    svc.store.record_event(actor=who.name, action="vm.release", target=f"vm:{stored.uuid}",
+                           details={"reasons": list(reasons)})
+    svc.controller.submit(QuarantineReleased(stored.uuid, who.name))
+    return _quarantine_out(svc, stored.uuid, stored.name)

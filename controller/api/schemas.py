@@ -191,6 +191,14 @@ class VmDetail(VmOut):
 # ---- context and directory ----------------------------------------------------------------
 
 
+class GuestRejectionIn(Body):
+    """What a relay refused to forward from a VM's channel (so the controller's audit log has it)."""
+
+    reason: Literal["malformed", "named_vm", "replayed", "rate_limited"]
+    count: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    detail: Annotated[str, Field(max_length=500)] = ""
+
+
 class GuestContextIn(Body):
     users: Annotated[list[Name], Field(max_length=256)] = []
     apps: Annotated[dict[Name, Annotated[list[AppPort], Field(max_length=64)]], Field(max_length=256)] = {}
@@ -227,6 +235,17 @@ class VmContextOut(BaseModel):
     uuid: str
     vm: str
     records: list[ContextRecordOut]
+
+
+class QuarantineIn(Body):
+    reason: Annotated[str, Field(min_length=1, max_length=1024, description="why, for the audit log and explain")]
+
+
+class QuarantineOut(BaseModel):
+    uuid: str
+    vm: str | None = Field(description="the VM's name; null if its record was deleted while quarantined")
+    quarantined: bool
+    reasons: list[str] = Field(description="why, in the order the triggers fired; empty once released")
 
 
 class DirectoryIn(Body):

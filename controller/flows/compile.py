@@ -16,6 +16,8 @@ from controller.flows.pipeline import (
     PRIO_CT_ALLOW_REPLY,
     PRIO_CT_GUARD,
     PRIO_DEFAULT,
+    PRIO_QUARANTINE_ALLOW,
+    PRIO_QUARANTINE_DENY,
     PRIO_REVOKE_EST,
     REG_OUT_PORT,
     REG_ZONE,
@@ -23,6 +25,7 @@ from controller.flows.pipeline import (
     Table,
     check_flow,
     cookie,
+    quarantine_cookie,
     rule_cookie,
     rule_priority,
 )
@@ -80,6 +83,9 @@ class World:
     # Per-world memo of what does not depend on the hypervisor (a group's addresses), so a
     # fleet compile or one event's recompute builds each only once.
     memo: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    # Quarantined VMs (uuid -> reasons) and the group that stays reachable from them.
+    quarantined: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    remediation_group: str | None = None
 
 
 def _flow(table: Table, priority: int, match: Match, actions: Iterable[Action], ck: int, origin: str) -> FlowSpec:
@@ -384,6 +390,65 @@ def rule_part(rule: Rule, world: World, hv: str) -> Flows:
     return frozenset(flows)
 
 
+# ---- quarantine ------------------------------------------------------------------------------
+
+
+def remediation_members(world: World) -> list[VM]:
+    """VMs that stay reachable from quarantined VMs: the remediation group's members, if the
+    group exists in the active policy, except those quarantined themselves."""
+    group = world.remediation_group
+    if group is None:
+        return []
+    vms = world.inventory.vms
+    return [vms[u] for u in sorted(world.members.get(group, frozenset()))
+            if u in vms and u not in world.quarantined]
+
+
+def quarantine_part(world: World, hv: str) -> Flows:
+    """Emergency isolation above every rule tier, on this bridge's ports of quarantined VMs (deny
+    everything but the remediation group, both directions, established connections revoked) and
+    of remediation members (allow to and from quarantined VMs, whatever operator rules say)."""
+    if not world.quarantined:
+        return frozenset()
+    vms = world.inventory.vms
+    quarantined = [vms[u] for u in sorted(world.quarantined) if u in vms]
+    helpers = remediation_members(world)
+    helper_ips = _ips(helpers)
+    flows: set[FlowSpec] = set()
+    allow_egress = (Ct(REG_ZONE.field, commit=True), GotoTable(int(Table.L2_LOOKUP))), (GotoTable(int(Table.L2_LOOKUP)),)
+    allow_ingress = (Ct(REG_ZONE.field, commit=True), GotoTable(int(Table.ACCEPT))), (GotoTable(int(Table.ACCEPT)),)
+    deny = (), (Ct(REG_ZONE.field, commit=True, set_mark=CT_MARK_REVOKED),)
+
+    def add(table: Table, prio: int, match: Match, actions: tuple[tuple[Action, ...], tuple[Action, ...]],
+            ck: int, origin: str) -> None:
+        for state, acts in zip((CT_NEW_ORIG, CT_EST_ORIG), actions):
+            flows.add(_flow(table, prio, _merge(match, Match.of(ct_state=state, eth_type=ETH_TYPE_IP)), acts, ck, origin))
+
+    for vm in quarantined:
+        ports = _local_ports([vm], hv)
+        if not ports:
+            continue
+        ck, origin = quarantine_cookie(vm.uuid), f"quarantine:{vm.name}"
+        for p in ports:
+            add(Table.EGRESS_POLICY, PRIO_QUARANTINE_DENY, Match.of(in_port=p), deny, ck, origin)
+            add(Table.INGRESS_POLICY, PRIO_QUARANTINE_DENY, Match.of(reg7=p), deny, ck, origin)
+            for ip in helper_ips:
+                add(Table.EGRESS_POLICY, PRIO_QUARANTINE_ALLOW, Match.of(in_port=p, ipv4_dst=ip), allow_egress, ck, origin)
+                add(Table.INGRESS_POLICY, PRIO_QUARANTINE_ALLOW, Match.of(reg7=p, ipv4_src=ip), allow_ingress, ck, origin)
+    # The remediation side: its own rules may not undo what quarantine grants.
+    owner: dict[str, VM] = {}
+    for vm in quarantined:
+        for ip in vm.ips:
+            owner.setdefault(ip, vm)  # one flow per address even if two VMs claim it
+    for helper in helpers:
+        for p in _local_ports([helper], hv):
+            for ip, vm in sorted(owner.items()):
+                ck, origin = quarantine_cookie(vm.uuid), f"quarantine:{vm.name}:remediation"
+                add(Table.EGRESS_POLICY, PRIO_QUARANTINE_ALLOW, Match.of(in_port=p, ipv4_dst=ip), allow_egress, ck, origin)
+                add(Table.INGRESS_POLICY, PRIO_QUARANTINE_ALLOW, Match.of(reg7=p, ipv4_src=ip), allow_ingress, ck, origin)
+    return frozenset(flows)
+
+
 # ---- the whole bridge ------------------------------------------------------------------------
 
 
@@ -402,6 +467,7 @@ def bridge_parts(world: World, hv_name: str) -> dict[PartKey, Flows]:
                 parts[("port", nic.mac)] = port_part(nic, hv)
     for rule in world.policy.rules:
         parts[("rule", rule.id)] = rule_part(rule, world, hv_name)
+    parts[("quarantine",)] = quarantine_part(world, hv_name)
     return parts
 
 

@@ -68,6 +68,7 @@ class CookieKind(IntEnum):
     ADDRESS = 3  # ARP answers and L2 delivery for one vNIC
     RULE = 4
     UPLINK = 5
+    QUARANTINE = 6  # emergency isolation of one VM: id = CRC-32 of the quarantined VM's uuid
 
 
 def cookie(kind: CookieKind, ident: int) -> int:
@@ -83,6 +84,10 @@ def rule_number(rule_id: str) -> int:
 
 def rule_cookie(rule_id: str) -> int:
     return cookie(CookieKind.RULE, rule_number(rule_id))
+
+
+def quarantine_cookie(vm_uuid: str) -> int:
+    return cookie(CookieKind.QUARANTINE, zlib.crc32(vm_uuid.encode()))
 
 
 def cookie_kind(value: int) -> CookieKind | None:
@@ -103,6 +108,12 @@ PRIO_DEFAULT = 0
 PRIO_REVOKE_EST = 10  # original-direction packet of a connection no rule grants any more
 PRIO_RULES_FLOOR = 100
 PRIO_RULES_CEIL = 60000
+# Quarantine: above every operator rule (every tier), below the conntrack guards, so a
+# quarantined VM's connections are checked here first and revoked like any lost grant.
+PRIO_QUARANTINE_FLOOR = 60002
+PRIO_QUARANTINE_ALLOW = 63000  # to/from the remediation group
+PRIO_QUARANTINE_DENY = 62000  # everything else to/from a quarantined VM
+PRIO_QUARANTINE_CEIL = 63998
 PRIO_CT_ALLOW_REPLY = 64000
 PRIO_CT_GUARD = 65000
 

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from controller.flows.compile import World
+from controller.flows.compile import World, remediation_members
 from controller.identity.groups import GroupDef
 from controller.identity.selector import Evidence, explain_match
 from controller.model import VM
@@ -150,12 +150,29 @@ def explain(world: World, groups: Mapping[str, GroupDef], src: VM, dst: VM | str
 
     if dst_vm is None and world.inventory.gateway is None:
         return result("deny", None, f"{dst_ip} is not a VM and the fleet has no gateway: no route", [])
+    isolated = quarantine_verdict(world, src, dst_vm)
+    if isolated is not None:
+        return result(isolated[0], None, isolated[1], [])
     if deciding is not None:
         return result(str(deciding.action), deciding, f"rule {deciding.id}", _memberships(deciding, groups, src, dst_vm))
     # Default deny: show why the rules that name this service did not apply.
     near = [r for r in ordered if r.enabled and not r.monitor and _service_matches(r, dst_vm, protocol, port)]
     members = [m for r in near for m in _memberships(r, groups, src, dst_vm)]
     return result("deny", None, DEFAULT_DENY, _unique(members))
+
+
+def quarantine_verdict(world: World, src: VM, dst: VM | None) -> tuple[str, str] | None:
+    """Quarantine decides before any rule: (verdict, reason), or None if neither side is
+    quarantined. Only traffic between a quarantined VM and the remediation group passes."""
+    held = [(vm, world.quarantined[vm.uuid]) for vm in (src, dst) if vm is not None and vm.uuid in world.quarantined]
+    if not held:
+        return None
+    reason = "quarantined: " + "; ".join(f"{vm.name}: {', '.join(reasons)}" for vm, reasons in held)
+    if len(held) == 1 and dst is not None:
+        other = dst if held[0][0].uuid == src.uuid else src
+        if other.uuid in {vm.uuid for vm in remediation_members(world)}:
+            return "allow", f"{reason} (remediation group {world.remediation_group!r} stays reachable)"
+    return "deny", reason
 
 
 def _unique(items: list[Membership]) -> list[Membership]:

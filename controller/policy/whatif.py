@@ -6,7 +6,7 @@ changes. Pure: it compiles and explains both worlds side by side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
 
 from controller.flows.compile import World, compile_bridge
@@ -81,7 +81,7 @@ def whatif(world: World, groups: Mapping[str, GroupDef], draft: Policy, draft_gr
            *, max_pairs: int = MAX_PAIRS) -> WhatIf:
     vms = sorted(world.inventory.vms.values(), key=lambda v: v.name)
     draft_members = compute_members(draft_groups, vms)
-    draft_world = World(world.inventory, draft_members, draft)
+    draft_world = replace(world, members=draft_members, policy=draft, memo={})  # quarantine stays
     flows = tuple(FlowCountChange(hv, len(compile_bridge(world, hv, check=False)), len(compile_bridge(draft_world, hv)))
                   for hv in sorted(world.inventory.hypervisors))
     probes = policy_probes((world.policy, draft), vms)

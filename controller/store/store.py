@@ -553,6 +553,30 @@ class Store:
         with self._write() as session:
             self._audit(session, actor, action, target, outcome=f"rejected: {why}", details=details)
 
+    def quarantine_state(self) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+        """(quarantined VM -> reasons, released VM -> the reasons its release acknowledged)."""
+        with self._read() as session:
+            row = session.get(SettingRow, QUARANTINE_KEY)
+            value = row.value if row is not None else {}
+            return ({u: tuple(r) for u, r in (value.get("quarantined") or {}).items()},
+                    {u: tuple(r) for u, r in (value.get("released") or {}).items()})
+
+    def save_quarantine(self, quarantined: Mapping[str, Sequence[str]], released: Mapping[str, Sequence[str]],
+                        *, actor: str) -> None:
+        """Persist the engine's quarantine state (a restart must not set anyone free)."""
+        value = {"quarantined": {u: list(r) for u, r in sorted(quarantined.items())},
+                 "released": {u: list(r) for u, r in sorted(released.items())}}
+        with self._write() as session:
+            row = session.get(SettingRow, QUARANTINE_KEY)
+            before = None if row is None else row.value
+            if before == value:
+                return
+            if row is None:
+                session.add(SettingRow(key=QUARANTINE_KEY, value=value))
+            else:
+                row.value = value
+            self._audit(session, actor, "quarantine.state", "quarantine", before, value)
+
     def record_event(self, *, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
         """Something that happened without a stored change, e.g. what a context change did to flows."""
         with self._write() as session:
@@ -607,6 +631,8 @@ class Store:
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+QUARANTINE_KEY = "quarantine"
 
 
 def _claims(facts: frozenset[Fact]) -> frozenset[tuple[object, ...]]:

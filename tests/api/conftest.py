@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from controller.api.app import create_app
 from controller.boot import engine_from_state
 from controller.facade import EngineFacade
+from controller.policy.quarantine import MANUAL_ONLY, QuarantinePolicy
 from controller.runtime import Runtime
 from controller.scenario import load_scenario
 from controller.store import Store
@@ -73,7 +74,7 @@ class Api:
         return str(r.json()["verdict"])
 
 
-def make_api(tmp_path: Path, url: str | None = None) -> Api:
+def make_api(tmp_path: Path, url: str | None = None, quarantine: QuarantinePolicy = MANUAL_ONLY) -> Api:
     clock = Clock()
     store = Store(url or f"sqlite:///{tmp_path / 'goldilocks.db'}")
     store.import_scenario(load_scenario(EXAMPLE), policy_document())
@@ -83,7 +84,7 @@ def make_api(tmp_path: Path, url: str | None = None) -> Api:
     for role in ("operator", "auditor"):
         tokens[role] = store.create_principal(role, Role(role), actor="admin")[1]
     tokens["relay"] = store.create_principal("relay-hv1", Role.RELAY, "hv1", actor="admin")[1]
-    controller = EngineFacade.local(Runtime(engine_from_state(store.load_state(clock()), clock(), unplugged=False)))
+    controller = EngineFacade.local(Runtime(engine_from_state(store.load_state(clock()), clock(), unplugged=False, quarantine=quarantine)))
     app = create_app(store, controller, max_body_bytes=MAX_BODY, clock=clock)
     return Api(app, TestClient(app), store, controller, tokens, clock)
 

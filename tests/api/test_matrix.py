@@ -38,7 +38,11 @@ TABLE: dict[tuple[str, str], tuple[set[str] | None, str, Any]] = {
     ("PUT", "/api/v1/vms/{vm}/tags"): (W, "/vms/eng-desk1/tags", {"tags": {"role": "desktop"}}),
     ("GET", "/api/v1/vms/{vm}/context"): (R, "/vms/fin-desk1/context", None),
     ("POST", "/api/v1/vms/{vm}/context/guest"): (REL, "/vms/fin-desk1/context/guest", {"users": ["alice"], "os": "linux"}),
+    ("POST", "/api/v1/vms/{vm}/context/guest/rejected"): (REL, "/vms/fin-desk1/context/guest/rejected", {"reason": "replayed"}),
     ("POST", "/api/v1/vms/{vm}/context/authoritative"): (W, "/vms/fin-desk2/context/authoritative", {"verdict": "clean"}),
+    ("GET", "/api/v1/quarantine"): (R, "/quarantine", None),
+    ("POST", "/api/v1/vms/{vm}/quarantine"): (W, "/vms/eng-desk1/quarantine", {"reason": "matrix"}),
+    ("POST", "/api/v1/vms/{vm}/release"): (W, "/vms/fin-desk2/release", None),  # 409 when allowed: not quarantined
     ("GET", "/api/v1/directory"): (R, "/directory", None),
     ("PUT", "/api/v1/directory/{user}"): (W, "/directory/dave", {"groups": ["staff"]}),
     ("GET", "/api/v1/policy"): (R, "/policy", None),

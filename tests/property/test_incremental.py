@@ -21,6 +21,8 @@ from controller.events import (
     HypervisorUpserted,
     PolicyChanged,
     PortsObserved,
+    QuarantineReleased,
+    QuarantineRequested,
     VmRemoved,
     VmUpserted,
 )
@@ -39,6 +41,7 @@ from controller.model import (
     VNic,
     parse_port,
 )
+from controller.policy.quarantine import QuarantinePolicy
 from controller.policy.schema import (
     Action,
     AnyEndpoint,
@@ -143,7 +146,19 @@ def ports_observed(draw: st.DrawFn) -> PortsObserved:
     return PortsObserved(hv, None, draw(st.sampled_from((None, 100))), ports)
 
 
-events = st.one_of(expiry_events, ports_observed(), ports_observed(), vm_events, vm_events, remove_events, context_events, context_events, directory_events,
+quarantine_events = st.one_of(
+    st.builds(lambda i: QuarantineRequested(f"vm-{i}", "test", "ops"), st.integers(0, N_VMS - 1)),
+    st.builds(lambda i: QuarantineReleased(f"vm-{i}", "ops"), st.integers(0, N_VMS - 1)),
+    st.builds(lambda i, verdict, check: ContextReported(
+        f"vm-{i}", Provenance.AUTHORITATIVE if check == "edr" else Provenance.GUEST,
+        frozenset({Fact(Attr.POSTURE, check, verdict, Provenance.AUTHORITATIVE if check == "edr" else Provenance.GUEST)})),
+        st.integers(0, N_VMS - 1), st.sampled_from(("pass", "fail")), st.sampled_from(("edr", "disk"))),
+)
+# Every trigger on; the remediation group is one the policy defines (and changes).
+QUARANTINE = QuarantinePolicy(on_edr=True, on_posture_fail=True, on_agent_silent=True, remediation_group="db")
+
+
+events = st.one_of(quarantine_events, expiry_events, ports_observed(), ports_observed(), vm_events, vm_events, remove_events, context_events, context_events, directory_events,
                    policy_events(), infra_events)
 
 
@@ -151,7 +166,8 @@ def fresh_engine() -> Engine:
     inventory = Inventory({hv: Hypervisor(hv, 100) for hv in HVS},
                           {f"vm-{i}": make_vm(i, HVS[i % 3], TIERS[i % 3], False) for i in range(3)},
                           Gateway("10.0.0.254", "02:00:00:00:00:fe"))
-    return Engine(inventory, {"alice": frozenset({"finance"})}, Policy(tuple(base_rules())), groups_for({}))
+    return Engine(inventory, {"alice": frozenset({"finance"})}, Policy(tuple(base_rules())), groups_for({}),
+                  quarantine=QUARANTINE)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -200,3 +200,17 @@ def test_a_heartbeat_refreshes_context_without_an_audit_entry(hvs: Store) -> Non
     assert record.expires_at == 120.0
     hvs.put_context(desk.uuid, Provenance.GUEST, frozenset(), actor="relay-hv1", observed_at=106.0, expires_at=121.0)
     assert len(hvs.audit_log(limit=1000)) == entries + 1, "a logout is a change: audited"
+
+
+def test_quarantine_state_survives_reopening_and_changes_are_audited(url: str) -> None:
+    store = Store(url)
+    assert store.quarantine_state() == ({}, {})
+    store.save_quarantine({"u1": ("edr verdict",)}, {"u2": ("agent silent",)}, actor="engine")
+    entries = len(store.audit_log(limit=1000))
+    store.save_quarantine({"u1": ["edr verdict"]}, {"u2": ["agent silent"]}, actor="engine")  # unchanged
+    assert len(store.audit_log(limit=1000)) == entries
+    store.close()
+    again = Store(url)
+    assert again.quarantine_state() == ({"u1": ("edr verdict",)}, {"u2": ("agent silent",)})
+    assert again.audit_log(limit=1)[0].action == "quarantine.state"
+    again.close()

@@ -35,5 +35,35 @@ def test_context_changes_and_expiries_are_audited_with_their_effect_on_flows() -
         service.post(ContextExpiry(100.0))
         service.call(lambda rt: None)
         assert [a for a, _, _ in audited].count("context.expired") == 1
+        expired = next(d for a, _, d in audited if a == "context.expired")
+        assert expired["expired"] == [{"vm": desk.uuid, "provenance": "guest"}]
+
+        # An expiry that changes no flow is a context change all the same: audited.
+        bob = sc.inventory.vm_by_name("fin-desk2")
+        bob_guest = frozenset(f for f in bob.facts if f.provenance is Provenance.GUEST and f.attr.value != "usergroup")
+        service.post(ContextReported(bob.uuid, Provenance.GUEST, bob_guest, expires_at=150.0))
+        service.post(ContextExpiry(200.0))
+        service.call(lambda rt: None)
+        assert [a for a, _, _ in audited].count("context.expired") == 2
     finally:
         service.stop()
+
+
+def test_quarantine_is_persisted_and_a_rebuilt_engine_keeps_it() -> None:
+    from controller.events import QuarantineRequested
+
+    sc = load_scenario(EXAMPLE)
+    saved: list[tuple[dict, dict]] = []
+    service = Service(Config(EXAMPLE, None), Runtime(Engine(sc.inventory, sc.directory, sc.policy, sc.groups)),
+                      persist_quarantine=lambda q, r: saved.append((dict(q), dict(r))))
+    service.start_engine()
+    try:
+        desk = sc.inventory.vm_by_name("fin-desk1")
+        service.post(QuarantineRequested(desk.uuid, "suspicious process", "alice-ops"))
+        service.call(lambda rt: None)
+    finally:
+        service.stop()
+    quarantined, released = saved[-1]
+    assert desk.uuid in quarantined
+    rebuilt = Engine(sc.inventory, sc.directory, sc.policy, sc.groups, quarantined=quarantined, released=released)
+    assert desk.uuid in rebuilt.quarantined(), "a restart must not set a quarantined VM free"
