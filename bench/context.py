@@ -38,9 +38,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from controller.scenario import load_scenario
 from tests.ovs.harness import OvsSandbox, _Lines, _terminate, tcp_server, unavailable_reason
-from tests.ovs.test_controller import EXAMPLE, Lab, plug, vm_ip, wait_for
+from tests.ovs.test_controller import Lab, build_lab, vm_ip, wait_for
 from tests.ovs.test_living_context import HEARTBEAT, INTERVAL, TTL, Living, write_users
 
 SECTION = "## bench/context"
@@ -89,15 +88,7 @@ def sandbox_lab(tmp: Path) -> Iterator[Lab]:
     try:
         checkpoint = ovs.checkpoint()
         try:
-            sc = load_scenario(EXAMPLE)
-            bridges = {hv.name: ovs.add_bridge(f"gl{hv.name}", dpid=hv.dpid) for hv in sc.inventory.hypervisors.values()}
-            link = ovs.add_patch_or_veth_link(bridges["hv1"], 100, bridges["hv2"], 100)
-            lab = Lab(ovs, sc, bridges, {"hv1": link.port_a, "hv2": link.port_b}, tmp)
-            for vm in sc.inventory.vms.values():
-                plug(lab, vm.name, vm.hypervisor, vm.name)
-            for br in bridges.values():
-                ovs.vsctl("set-controller", br, f"tcp:127.0.0.1:{lab.port}", "--", "set", "Controller", br,
-                          "connection-mode=out-of-band")
+            lab = build_lab(ovs, ovs.add_bridge, tmp)
             yield lab
         finally:
             if lab is not None and lab.proc is not None and lab.proc.poll() is None:

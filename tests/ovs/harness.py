@@ -660,7 +660,9 @@ def tcp_connect(src: VmPort, dst_ip: str, port: int, timeout: float = 2.0) -> bo
 
 
 _SERVER = """
-import socketserver, sys
+import ctypes, socketserver, sys
+if len(sys.argv) > 2 and sys.argv[2]:
+    ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)  # PR_SET_NAME: /proc/PID/comm
 class Echo(socketserver.BaseRequestHandler):
     def handle(self):
         for data in iter(lambda: self.request.recv(4096), b""):
@@ -709,9 +711,10 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def tcp_server(vm: VmPort, port: int, ready_timeout: float = 10.0) -> Iterator[VmPort]:
-    """An echo server on ``vm``:``port`` that keeps every connection open until closed."""
-    proc = vm.popen([sys.executable, "-u", "-c", _SERVER, str(port)],
+def tcp_server(vm: VmPort, port: int, ready_timeout: float = 10.0, comm: str = "") -> Iterator[VmPort]:
+    """An echo server on ``vm``:``port`` that keeps every connection open until closed; its
+    process is named ``comm`` (in /proc/PID/comm) when given, as a ``postgres`` would be."""
+    proc = vm.popen([sys.executable, "-u", "-c", _SERVER, str(port), comm],
                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         line = _Lines(proc.stdout).readline(ready_timeout)

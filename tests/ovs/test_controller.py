@@ -120,17 +120,23 @@ class Lab:
         wait_for("bridges to hold exactly the desired flows", lambda: all(self.installed(hv) == want[hv] for hv in want))
 
 
-@pytest.fixture
-def lab(ovs: OvsSandbox, bridge_factory, tmp_path: Path) -> Iterator[Lab]:
+def build_lab(ovs: OvsSandbox, make_bridge: Callable[..., str], tmp: Path) -> Lab:
+    """Two hypervisor bridges joined by an uplink, every example VM plugged, controller targets set."""
     sc = load_scenario(EXAMPLE)
-    bridges = {hv.name: bridge_factory(f"gl{hv.name}", dpid=hv.dpid) for hv in sc.inventory.hypervisors.values()}
+    bridges = {hv.name: make_bridge(f"gl{hv.name}", dpid=hv.dpid) for hv in sc.inventory.hypervisors.values()}
     link = ovs.add_patch_or_veth_link(bridges["hv1"], 100, bridges["hv2"], 100)
-    lab = Lab(ovs, sc, bridges, {"hv1": link.port_a, "hv2": link.port_b}, tmp_path)
+    lab = Lab(ovs, sc, bridges, {"hv1": link.port_a, "hv2": link.port_b}, tmp)
     for vm in sc.inventory.vms.values():
         plug(lab, vm.name, vm.hypervisor, vm.name)
     for br in bridges.values():
         ovs.vsctl("set-controller", br, f"tcp:127.0.0.1:{lab.port}", "--", "set", "Controller", br,
                   "connection-mode=out-of-band")
+    return lab
+
+
+@pytest.fixture
+def lab(ovs: OvsSandbox, bridge_factory, tmp_path: Path) -> Iterator[Lab]:
+    lab = build_lab(ovs, bridge_factory, tmp_path)
     yield lab
     if lab.proc is not None and lab.proc.poll() is None:
         lab.proc.kill()

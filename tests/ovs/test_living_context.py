@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,6 @@ from controller.boot import policy_document_of
 from tests.ovs import test_controller as _controller_tests
 from tests.ovs.harness import (
     EstablishedConnection,
-    OvsError,
-    VmPort,
-    _Lines,
-    _terminate,
     ping,
     tcp_connect,
     tcp_server,
@@ -241,36 +236,6 @@ def explained(lab: Lab, src: str, dst: str, proto: str, port: int = 0) -> str:
     return out.stdout
 
 
-_NAMED_SERVER = """
-import ctypes, socketserver, sys
-if sys.argv[2]:
-    ctypes.CDLL(None).prctl(15, sys.argv[2].encode(), 0, 0, 0)  # PR_SET_NAME: /proc/PID/comm
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self):
-        for data in iter(lambda: self.request.recv(4096), b""):
-            self.request.sendall(data)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer.daemon_threads = True
-server = socketserver.ThreadingTCPServer(("0.0.0.0", int(sys.argv[1])), Echo)
-print("listening", flush=True)
-server.serve_forever()
-"""
-
-
-@contextmanager
-def named_server(vm: VmPort, port: int, comm: str = "") -> Iterator[subprocess.Popen[bytes]]:
-    """An echo server on vm:port whose process is named `comm` (as `postgres` would be)."""
-    proc = vm.popen([sys.executable, "-u", "-c", _NAMED_SERVER, str(port), comm],
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        line = _Lines(proc.stdout).readline(10)
-        if line != "listening":
-            raise OvsError(f"server {comm or 'python'} on {vm.name}:{port} did not start: {line!r}")
-        yield proc
-    finally:
-        _terminate(proc)
-
-
 # ---- the cases -----------------------------------------------------------------------------
 
 
@@ -312,17 +277,17 @@ def test_an_app_rule_follows_the_port_the_app_listens_on(living: Living) -> None
     desk, ledger = lab.ovs.vms["eng-desk1"], lab.ovs.vms["ledger-db"]  # carol: no finance grant
     ledger_ip = vm_ip(lab, "ledger-db")
     # Any process on 6543 is not postgres: nothing allows it.
-    with named_server(ledger, 6543):
+    with tcp_server(ledger, 6543):
         time.sleep(3 * INTERVAL)  # the agent would have reported it, were it allowlisted
         assert not tcp_connect(desk, ledger_ip, 6543, timeout=1.0), "a non-postgres listener was reachable"
     # postgres starts on the new port 6543: the app rule follows it.
-    with named_server(ledger, 6543, comm="postgres"):
+    with tcp_server(ledger, 6543, comm="postgres"):
         eventually("the app rule to open tcp/6543 where postgres listens",
                    lambda: tcp_connect(desk, ledger_ip, 6543, timeout=0.5))
         assert explain(lab, "eng-desk1", "ledger-db", "tcp", 6543)["allowed"] is True
         assert not tcp_connect(desk, ledger_ip, 5432, timeout=1.0), "the app rule opened a port postgres is not on"
     # postgres stops: tcp/6543 closes again, even to another process listening there.
-    with named_server(ledger, 6543):
+    with tcp_server(ledger, 6543):
         eventually("the app rule to close tcp/6543 after postgres stopped",
                    lambda: not tcp_connect(desk, ledger_ip, 6543, timeout=0.5)
                    and explain(lab, "eng-desk1", "ledger-db", "tcp", 6543)["allowed"] is False)
