@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require
 from tests.ovs.conftest import BridgeFactory
 from tests.ovs.harness import (
     EstablishedConnection,
@@ -263,9 +264,7 @@ def test_two_bridges_over_a_link(ovs: OvsSandbox, bridge_factory: BridgeFactory,
 
 
 def test_stop_removes_everything() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require(unavailable_reason(), "Open vSwitch")
     sandbox = OvsSandbox().start()
     sandbox.add_bridge("br0")
     vm = sandbox.add_vm_port("br0", "vm1", mac=MAC1, ip=f"{IP1}/24", ofport=1)
