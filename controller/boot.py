@@ -68,6 +68,13 @@ def engine_vm(store_vm: VM, records: Iterable[ContextRecord], now: float, seen: 
                                    for n in vm.vnics))
 
 
+def unbound(inventory: Inventory) -> Inventory:
+    """Inventory with every vNIC unplugged: in a live fleet only OVSDB says what is plugged where."""
+    vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in inventory.vms.items()}
+    hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in inventory.hypervisors.items()}
+    return Inventory(hvs, vms, inventory.gateway)
+
+
 def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True,
                       quarantine: QuarantinePolicy = MANUAL_ONLY,
                       quarantined: Mapping[str, Iterable[str]] | None = None,
@@ -87,12 +94,11 @@ def engine_from_state(state: StoredState, now: float, *, unplugged: bool = True,
     for record in state.contexts:
         by_vm.setdefault(record.vm_uuid, []).append(record)
     vms = {u: engine_vm(vm, by_vm.get(u, ()), now) for u, vm in state.inventory.vms.items()}
-    hvs = dict(state.inventory.hypervisors)
+    inventory = Inventory(state.inventory.hypervisors, vms, state.inventory.gateway)
     if unplugged:
-        vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in vms.items()}
-        hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in hvs.items()}
+        inventory = unbound(inventory)
     expiries = {(r.vm_uuid, r.provenance): r.expires_at for r in state.contexts if r.expires_at is not None}
-    return Engine(Inventory(hvs, vms, state.inventory.gateway), state.directory, policy, groups, expiries,
+    return Engine(inventory, state.directory, policy, groups, expiries,
                   quarantine=quarantine, quarantined=quarantined, released=released)
 
 

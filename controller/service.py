@@ -14,30 +14,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from controller.config import Config
-from controller.engine import Engine
 from controller.events import ContextExpiry, ContextReported, Event
 from controller.facade import EngineFacade, HitCounter
-from controller.model import Inventory
 from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
-from controller.scenario import Scenario
 
 LOG = logging.getLogger("goldilocks.service")
 TICK_SECONDS = 0.25
-
-
-def unbound(inventory: Inventory) -> Inventory:
-    """Inventory with every vNIC unplugged: in a live fleet only OVSDB says what is plugged where."""
-    vms = {u: replace(vm, vnics=tuple(replace(n, ofport=None) for n in vm.vnics)) for u, vm in inventory.vms.items()}
-    hvs = {n: replace(h, dpid=None, uplink_ofport=None) for n, h in inventory.hypervisors.items()}
-    return Inventory(hvs, vms, inventory.gateway)
-
-
-def engine_from_scenario(scenario: Scenario) -> Engine:
-    return Engine(unbound(scenario.inventory), scenario.directory, scenario.policy, scenario.groups)
 
 
 class _Call:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from controller.boot import unbound
 from controller.engine import Engine
 from controller.events import (
     BoundPort,
@@ -17,7 +18,6 @@ from controller.flows.compile import compile_bridge
 from controller.model import Attr, Fact, Hypervisor, Provenance
 from controller.runtime import Runtime
 from controller.scenario import load_scenario
-from controller.service import unbound
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finance-identity.yaml"
 
