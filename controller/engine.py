@@ -29,6 +29,7 @@ from controller.events import (
 )
 from controller.flows.compile import (
     Flows,
+    Liveness,
     PartKey,
     World,
     address_part,
@@ -36,7 +37,10 @@ from controller.flows.compile import (
     gateway_part,
     port_part,
     quarantine_part,
-    rule_part,
+    rule_groups,
+    rule_liveness,
+    rule_member_part,
+    rule_parts,
 )
 from controller.flows.reconcile import FlowOp, diff, plan
 from controller.flows.types import FlowSpec
@@ -52,7 +56,7 @@ from controller.policy.quarantine import (
     step,
     triggers,
 )
-from controller.policy.schema import AnyEndpoint, AppService, GroupEndpoint, Policy, Rule
+from controller.policy.schema import AppService, Policy, Rule
 
 
 @dataclass
@@ -61,12 +65,20 @@ class BridgeFlows:
 
     parts: dict[PartKey, Flows] = field(default_factory=dict)
     count: Counter[FlowSpec] = field(default_factory=Counter)
+    rule_keys: dict[str, set[PartKey]] = field(default_factory=dict)  # rule id -> its parts' keys
+    # Rule id -> the liveness its parts were compiled with; absent: unknown (recompile whole).
+    live: dict[str, Liveness] = field(default_factory=dict)
 
     def replace(self, key: PartKey, flows: Flows) -> tuple[set[FlowSpec], set[FlowSpec]]:
         """Swap one part; return (flows that appeared, flows that disappeared)."""
         old = self.parts.pop(key, frozenset())
         if flows:
             self.parts[key] = flows
+        if key[0] == "rule":
+            keys = self.rule_keys.setdefault(key[1], set())
+            (keys.add if flows else keys.discard)(key)
+            if not keys:
+                del self.rule_keys[key[1]]
         added, removed = set(), set()
         for f in old - flows:
             self.count[f] -= 1
@@ -91,7 +103,8 @@ class _Change:
     readdressed: frozenset[str] = frozenset()  # ...whose vNICs, addresses, ports or hypervisor changed
     reapped: frozenset[str] = frozenset()  # ...whose app ports changed
     old_vms: tuple[VM, ...] = ()  # their previous effective records (for vanished vNICs)
-    groups: frozenset[str] = frozenset()  # groups whose membership changed
+    groups: frozenset[str] = frozenset()  # groups some of `vms` joined or left
+    regrouped: frozenset[str] = frozenset()  # groups redefined, or re-evaluated for every VM
     rules: frozenset[str] = frozenset()  # rule ids added, removed or changed
     everything: bool = False
     quarantine: bool = False  # the set of quarantined VMs changed
@@ -358,7 +371,7 @@ class Engine:
         redefined = {g for g in set(groups) | set(self._groups) if self._groups.get(g) != groups.get(g)}
         self._policy = policy
         self._groups = dict(groups)
-        return _Change(groups=frozenset(changed_groups | redefined), rules=frozenset(rules))
+        return _Change(regrouped=frozenset(changed_groups | redefined), rules=frozenset(rules))
 
     # ---- quarantine --------------------------------------------------------------------------
 
@@ -393,7 +406,7 @@ class Engine:
         if not self._quarantined:
             return False
         group = self._qpolicy.remediation_group
-        if group is not None and group in change.groups:
+        if group is not None and (group in change.groups or group in change.regrouped):
             return True
         touched = change.readdressed
         if not touched:
@@ -405,7 +418,9 @@ class Engine:
 
     def _rebuild_bridge(self, hv: str, world: World | None = None) -> tuple[set[FlowSpec], set[FlowSpec]]:
         bridge = self._bridges.setdefault(hv, BridgeFlows())
-        fresh = bridge_parts(world or self.view(), hv)
+        world = world or self.view()
+        fresh = bridge_parts(world, hv)
+        bridge.live = {rule.id: rule_liveness(rule, world, hv) for rule in self._policy.rules}
         added: set[FlowSpec] = set()
         removed: set[FlowSpec] = set()
         for key in set(bridge.parts) | set(fresh):
@@ -438,11 +453,10 @@ class Engine:
                 fresh[("address", nic.mac)] = address_part(nic, local, hypervisor)
                 fresh[("port", nic.mac)] = port_part(nic, hypervisor) if local else frozenset()
         for rule_id in change.rules:
-            rule = self._policy.rule(rule_id)
-            fresh[("rule", rule_id)] = rule_part(rule, world, hv) if rule else frozenset()
+            if self._policy.rule(rule_id) is None:
+                self._rule_whole(bridge, rule_id, None, world, hv, fresh)
         for rule in self._policy.rules:
-            if rule.id not in change.rules and self._rule_affected(rule, change, world):
-                fresh[("rule", rule.id)] = rule_part(rule, world, hv)
+            self._recompute_rule(bridge, rule, change, world, hv, fresh)
         if self._quarantine_affected(change, world):
             fresh[("quarantine",)] = quarantine_part(world, hv)
         fresh.setdefault(("gateway",), gateway_part(self._gateway, hypervisor))
@@ -455,22 +469,57 @@ class Engine:
         # A flow can vanish from one part and reappear in another (a VM moving): net it out.
         return added - removed, removed - added
 
-    def _rule_affected(self, rule: Rule, change: _Change, world: World) -> bool:
-        """A rule's flows read its groups' members, their addresses and (app rules) app ports."""
+    def _recompute_rule(self, bridge: BridgeFlows, rule: Rule, change: _Change, world: World, hv: str,
+                        fresh: dict[PartKey, Flows]) -> None:
+        """A changed rule, or one whose groups were redefined, is compiled whole; otherwise only
+        the parts of the VMs that changed, unless the rule stops or starts matching here."""
+        groups, every_vm = rule_groups(rule)
+        if rule.id in change.rules or groups & change.regrouped:
+            self._rule_whole(bridge, rule.id, rule, world, hv, fresh)
+            return
+        vms = self._rule_touched(rule, groups, every_vm, change, world, bridge)
+        if not vms:
+            return
+        live = rule_liveness(rule, world, hv)
+        if bridge.live.get(rule.id) != live:
+            self._rule_whole(bridge, rule.id, rule, world, hv, fresh)
+            return
+        if not any(live):
+            return
+        for uuid in vms:
+            fresh[("rule", rule.id, uuid)] = rule_member_part(rule, live, world, hv, self._effective.get(uuid))
+
+    def _rule_whole(self, bridge: BridgeFlows, rule_id: str, rule: Rule | None, world: World, hv: str,
+                    fresh: dict[PartKey, Flows]) -> None:
+        for key in bridge.rule_keys.get(rule_id, ()):
+            fresh[key] = frozenset()
+        if rule is None:
+            bridge.live.pop(rule_id, None)
+            return
+        live, parts = rule_parts(rule, world, hv)
+        bridge.live[rule_id] = live
+        fresh.update(parts)
+
+    def _rule_touched(self, rule: Rule, groups: frozenset[str], every_vm: bool, change: _Change, world: World,
+                      bridge: BridgeFlows) -> list[str]:
+        """The changed VMs whose clauses of `rule` may differ: members before or after the
+        change whose membership, addresses or (app rules) app ports changed."""
+        if not change.vms:
+            return []
         touched = change.readdressed
         if any(isinstance(s, AppService) for s in rule.services):
             touched = touched | change.reapped
-            if isinstance(rule.destination, AnyEndpoint) and touched:
-                return True  # every VM's app ports feed this rule
-        if not touched and not change.groups:
-            return False
-        for ep in (rule.source, rule.destination):
-            if isinstance(ep, GroupEndpoint):
-                if ep.group in change.groups:
-                    return True
-                if touched and touched & world.members.get(ep.group, frozenset()):
-                    return True
-        return False
+        regrouped = bool(groups & change.groups)
+        if not regrouped and not touched:
+            return []
+        keys = bridge.rule_keys.get(rule.id, set())
+        out = []
+        for uuid in change.vms:
+            was = ("rule", rule.id, uuid) in keys
+            member = every_vm or any(uuid in world.members.get(g, frozenset()) for g in groups)
+            if (was or member) and (regrouped or uuid in touched):
+                out.append(uuid)
+        return out
 
 
 class _MembersView(Mapping[str, frozenset[str]]):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
+from functools import lru_cache
 
 from controller.flows.pipeline import (
     CT_MARK_REVOKED,
@@ -80,9 +82,6 @@ class World:
     inventory: Inventory
     members: Mapping[str, frozenset[str]]  # group name -> VM uuids
     policy: Policy
-    # Per-world memo of what does not depend on the hypervisor (a group's addresses), so a
-    # fleet compile or one event's recompute builds each only once.
-    memo: dict[tuple[object, ...], object] = field(default_factory=dict, compare=False, hash=False, repr=False)
     # Quarantined VMs (uuid -> reasons) and the group that stays reachable from them.
     quarantined: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     remediation_group: str | None = None
@@ -203,7 +202,54 @@ def gateway_part(gw: Gateway | None, hv: Hypervisor) -> Flows:
 
 # ---- rules -----------------------------------------------------------------------------------
 
-Dimension = tuple[Match, ...]  # one flow per alternative; None = unconstrained
+def _local_ports(vms: Iterable[VM], hv: str) -> list[int]:
+    return sorted({n.ofport for vm in vms if vm.hypervisor == hv for n in vm.vnics if n.ofport is not None})
+
+
+def _ips(vms: Iterable[VM]) -> list[str]:
+    return sorted({ip for vm in vms for ip in vm.ips})
+
+
+# A rule on one bridge is up to four conjunctions (egress/ingress x plain/app services). Each
+# dimension of a conjunction is either fixed (services, a CIDR) or drawn from the VMs of a group
+# (their local ports, their addresses, their app ports). Clauses drawn from a VM are that VM's
+# own part of the rule, so a VM joining or leaving a group recomputes only its own clauses: the
+# cost of a membership change does not grow with the size of the group.
+
+
+class DimKind(str, Enum):
+    PORT = "port"  # the member's ports on this bridge (the near side)
+    ADDRESS = "address"  # the member's addresses, wherever it runs (the far side)
+    APP = "app"  # the member's app ports, with its addresses (egress) or local ports (ingress)
+
+
+@dataclass(frozen=True)
+class MemberDim:
+    """A dimension drawn from the VMs of `group`; `group` None means every VM (app rules to `any`)."""
+
+    kind: DimKind
+    group: str | None
+    field: str = ""  # the match field of PORT and ADDRESS dimensions
+    apps: tuple[str, ...] = ()
+    egress: bool = True
+
+
+Dim = tuple[Match, ...] | MemberDim  # fixed matches, or drawn from members
+
+
+@dataclass(frozen=True)
+class Conj:
+    """Flows matching when every dimension holds: a conjunction when two or more constrain."""
+
+    table: Table
+    priority: int
+    ident: int
+    dims: tuple[Dim, ...]  # the constraining ones only
+    on_new: tuple[Action, ...]
+    on_est: tuple[Action, ...] | None  # None: new connections only (monitor rules)
+
+
+Liveness = tuple[bool, ...]  # per Conj of a rule: does every dimension have a match on this bridge
 
 
 def port_range_masks(low: int, high: int) -> list[tuple[int, int]]:
@@ -228,7 +274,7 @@ def service_matches(port: Port) -> list[Match] | None:
     return [Match.of(eth_type=ETH_TYPE_IP, ip_proto=proto, **{field: vm}) for vm in port_range_masks(port.low, port.high)]
 
 
-def _services_dimension(ports: Iterable[Port]) -> Dimension | None:
+def _services_dimension(ports: Iterable[Port]) -> tuple[Match, ...] | None:
     out: list[Match] = []
     for port in ports:
         ms = service_matches(port)
@@ -238,70 +284,108 @@ def _services_dimension(ports: Iterable[Port]) -> Dimension | None:
     return tuple(sorted(set(out)))
 
 
-def _members(world: World, endpoint: GroupEndpoint) -> list[VM]:
-    vms = world.inventory.vms
-    return [vms[u] for u in sorted(world.members.get(endpoint.group, frozenset())) if u in vms]
-
-
-def _local_ports(vms: Iterable[VM], hv: str) -> list[int]:
-    return sorted({n.ofport for vm in vms if vm.hypervisor == hv for n in vm.vnics if n.ofport is not None})
-
-
-def _ips(vms: Iterable[VM]) -> list[str]:
-    return sorted({ip for vm in vms for ip in vm.ips})
-
-
-def _remote_dimension(world: World, ep: Endpoint, field: str) -> Dimension | None:
-    """The far side of a rule: matched by IP address wherever the VM is."""
-    if isinstance(ep, AnyEndpoint):
-        return None
-    if isinstance(ep, CidrEndpoint):
-        return _cidr_dimension(ep, field)
-    key = ("remote", ep.group, field)
-    found = world.memo.get(key)
-    if found is None:
-        ip_type = MatchField("eth_type", ETH_TYPE_IP)
-        found = tuple(Match((ip_type, MatchField(field, ip_to_int(ip)))) for ip in _ips(_members(world, ep)))
-        world.memo[key] = found
-    return found  # type: ignore[return-value]
-
-
-def _cidr_dimension(ep: CidrEndpoint, field: str) -> Dimension | None:
+def _cidr_dimension(ep: CidrEndpoint, field: str) -> tuple[Match, ...] | None:
     if ep.cidr.endswith("/0"):
         return None  # every IPv4 address: no constraint (non-IPv4 never reaches policy)
     return (Match.of(eth_type=ETH_TYPE_IP, **{field: ep.cidr}),)
 
 
-def _local_dimension(world: World, ep: Endpoint, hv: str, port_field: str, ip_field: str) -> Dimension | None:
-    """The near side of a rule: matched by the local port the packet left from / goes to."""
+def _endpoint_dimension(ep: Endpoint, kind: DimKind, field: str, cidr_field: str) -> Dim | None:
     if isinstance(ep, AnyEndpoint):
         return None
     if isinstance(ep, CidrEndpoint):
-        return _cidr_dimension(ep, ip_field)
-    return tuple(Match.of(**{port_field: p}) for p in _local_ports(_members(world, ep), hv))
+        return _cidr_dimension(ep, cidr_field)
+    return MemberDim(kind, ep.group, field)
 
 
-def _app_hosts(world: World, dst: Endpoint) -> list[VM]:
-    if isinstance(dst, GroupEndpoint):
-        return _members(world, dst)
-    return sorted(world.inventory.vms.values(), key=lambda vm: vm.uuid) if isinstance(dst, AnyEndpoint) else []
-
-
-def _app_dimension(world: World, rule: Rule, apps: list[AppService], hv: str, egress: bool) -> Dimension:
+def _app_dimension(dst: Endpoint, apps: list[AppService], egress: bool) -> Dim:
     """Destination and port in one dimension: each destination VM has its own app ports."""
-    out: set[Match] = set()
-    for vm in _app_hosts(world, rule.destination):
-        if not egress and vm.hypervisor != hv:
-            continue
-        ports = [p for app in apps for p in vm.app_ports(app.app)]
-        services = [m for p in ports for m in (service_matches(p) or [Match.of(eth_type=ETH_TYPE_IP)])]
-        where: list[Match]
-        if egress:
-            where = [Match.of(ipv4_dst=ip, eth_type=ETH_TYPE_IP) for ip in vm.ips]
+    names = tuple(a.app for a in apps)
+    if isinstance(dst, GroupEndpoint):
+        return MemberDim(DimKind.APP, dst.group, apps=names, egress=egress)
+    if isinstance(dst, AnyEndpoint):
+        return MemberDim(DimKind.APP, None, apps=names, egress=egress)
+    return ()  # a CIDR has no app ports
+
+
+@lru_cache(maxsize=8192)
+def rule_conjunctions(rule: Rule) -> tuple[Conj, ...]:
+    """The conjunctions of an enabled rule; they depend on the rule alone, not on the world."""
+    if not rule.enabled:
+        return ()
+    ports = [s for s in rule.services if isinstance(s, Port)]
+    apps = [s for s in rule.services if isinstance(s, AppService)]
+    # No services at all means any service; app-only rules have no plain part.
+    has_plain = bool(ports) or not apps
+    plain_services = _services_dimension(ports) if ports else None
+    prio = rule_priority(rule.tier, rule.position)
+    out: list[Conj] = []
+    for egress in (True, False):
+        if rule.monitor:
+            table = Table.EGRESS_MONITOR if egress else Table.INGRESS_MONITOR
+            after = Table.EGRESS_POLICY if egress else Table.INGRESS_POLICY
+            on_new: tuple[Action, ...] = (GotoTable(int(after)),)
+            on_est: tuple[Action, ...] | None = None  # monitor counts connections, not packets
         else:
-            where = [Match.of(reg7=n.ofport) for n in vm.vnics if n.ofport is not None]
-        out.update(_merge(w, s) for w in where for s in services)
-    return tuple(sorted(out))
+            table = Table.EGRESS_POLICY if egress else Table.INGRESS_POLICY
+            on_new, on_est = _verdict_actions(rule, Table.L2_LOOKUP if egress else Table.ACCEPT)
+        if egress:
+            near = _endpoint_dimension(rule.source, DimKind.PORT, "in_port", "ipv4_src")
+            far = _endpoint_dimension(rule.destination, DimKind.ADDRESS, "ipv4_dst", "ipv4_dst")
+        else:
+            near = _endpoint_dimension(rule.destination, DimKind.PORT, "reg7", "ipv4_dst")
+            far = _endpoint_dimension(rule.source, DimKind.ADDRESS, "ipv4_src", "ipv4_src")
+        tag = "egress" if egress else "ingress"
+        if has_plain:
+            dims = tuple(d for d in (near, far, plain_services) if d is not None)
+            out.append(Conj(table, prio, conj_id(rule.id, tag), dims, on_new, on_est))
+        if apps:
+            src_dim = near if egress else far
+            dims = tuple(d for d in (src_dim, _app_dimension(rule.destination, apps, egress)) if d is not None)
+            out.append(Conj(table, prio - 1, conj_id(rule.id, tag + "-app"), dims, on_new, on_est))
+    return tuple(out)
+
+
+def member_matches(dim: MemberDim, vm: VM, hv: str) -> tuple[Match, ...]:
+    """What one VM contributes to a dimension drawn from its group."""
+    if dim.kind is DimKind.PORT:
+        if vm.hypervisor != hv:
+            return ()
+        return tuple(sorted({Match.of(**{dim.field: n.ofport}) for n in vm.vnics if n.ofport is not None}))
+    if dim.kind is DimKind.ADDRESS:
+        ip_type = MatchField("eth_type", ETH_TYPE_IP)
+        return tuple(Match((ip_type, MatchField(dim.field, ip_to_int(ip)))) for ip in sorted(set(vm.ips)))
+    if not dim.egress and vm.hypervisor != hv:
+        return ()
+    ports = [p for app in dim.apps for p in vm.app_ports(app)]
+    services = [m for p in ports for m in (service_matches(p) or [Match.of(eth_type=ETH_TYPE_IP)])]
+    if dim.egress:
+        where = [Match.of(ipv4_dst=ip, eth_type=ETH_TYPE_IP) for ip in vm.ips]
+    else:
+        where = [Match.of(reg7=n.ofport) for n in vm.vnics if n.ofport is not None]
+    return tuple(sorted({_merge(w, s) for w in where for s in services}))
+
+
+def _dim_members(dim: MemberDim, world: World) -> Iterable[VM]:
+    vms = world.inventory.vms
+    if dim.group is None:
+        return vms.values()
+    return (vms[u] for u in world.members.get(dim.group, frozenset()) if u in vms)
+
+
+def _is_member(dim: MemberDim, uuid: str, world: World) -> bool:
+    return dim.group is None or uuid in world.members.get(dim.group, frozenset())
+
+
+def _dim_holds(dim: Dim, world: World, hv: str) -> bool:
+    if isinstance(dim, MemberDim):
+        return any(member_matches(dim, vm, hv) for vm in _dim_members(dim, world))
+    return len(dim) > 0
+
+
+def rule_liveness(rule: Rule, world: World, hv: str) -> Liveness:
+    """Per conjunction: a side with no match here means the rule cannot match on this bridge."""
+    return tuple(all(_dim_holds(d, world, hv) for d in c.dims) for c in rule_conjunctions(rule))
 
 
 def _merge(a: Match, b: Match) -> Match:
@@ -326,67 +410,89 @@ def _verdict_actions(rule: Rule, after: Table) -> tuple[tuple[Action, ...], tupl
     return (), (Ct(REG_ZONE.field, commit=True, set_mark=CT_MARK_REVOKED),)
 
 
-def _conjunctive(table: Table, priority: int, dims: list[Dimension | None], ident: int,
-                 on_new: tuple[Action, ...], on_est: tuple[Action, ...] | None, ck: int, origin: str) -> set[FlowSpec]:
-    """Flows for `dims` all holding: a conjunction when two or more dimensions constrain."""
-    active = [d for d in dims if d is not None]
-    if any(len(d) == 0 for d in active):
-        return set()  # a side with no members: the rule cannot match here
-    states = [(CT_NEW_ORIG, on_new)] + ([(CT_EST_ORIG, on_est)] if on_est is not None else [])
+def _states(c: Conj) -> list[tuple[tuple[int, int], tuple[Action, ...]]]:
+    return [(CT_NEW_ORIG, c.on_new)] + ([(CT_EST_ORIG, c.on_est)] if c.on_est is not None else [])
+
+
+def _dim_flows(c: Conj, k: int, matches: Iterable[Match], ck: int, origin: str) -> set[FlowSpec]:
+    """The flows of dimension `k` (1-based) of `c` for `matches`: conjunction clauses, or, when
+    it is the only dimension, the verdict itself for each connection state."""
+    if len(c.dims) == 1:
+        return {_flow(c.table, c.priority, _merge(m, Match.of(ct_state=state)), actions, ck, origin)
+                for m in matches for state, actions in _states(c)}
+    clause = (Conjunction(c.ident, k, len(c.dims)),)
+    return {_flow(c.table, c.priority, m, clause, ck, origin) for m in matches}
+
+
+def rule_fixed_part(rule: Rule, live: Liveness) -> Flows:
+    """A rule's flows that no VM contributes: fixed dimensions and the conj_id flows."""
+    ck, origin = rule_cookie(rule.id), f"rule:{rule.id}"
     flows: set[FlowSpec] = set()
-    if len(active) <= 1:
-        for m in active[0] if active else (Match.of(eth_type=ETH_TYPE_IP),):
-            for state, actions in states:
-                flows.add(_flow(table, priority, _merge(m, Match.of(ct_state=state)), actions, ck, origin))
-        return flows
-    n = len(active)
-    clauses: dict[Match, list[Action]] = {}
-    for k, dim in enumerate(active, start=1):
-        for m in dim:
-            # One match in two dimensions must be one flow carrying both clauses.
-            clauses.setdefault(m, []).append(Conjunction(ident, k, n))
-    flows.update(_flow(table, priority, m, tuple(acts), ck, origin) for m, acts in clauses.items())
-    for state, actions in states:
-        # ct() needs the ip prerequisite even on the conj_id flow.
-        flows.add(_flow(table, priority, Match.of(conj_id=ident, ct_state=state, eth_type=ETH_TYPE_IP), actions, ck, origin))
-    return flows
+    for c, holds in zip(rule_conjunctions(rule), live):
+        if not holds:
+            continue
+        if not c.dims:
+            flows |= _dim_flows(c, 1, (Match.of(eth_type=ETH_TYPE_IP),), ck, origin)
+        for k, dim in enumerate(c.dims, start=1):
+            if not isinstance(dim, MemberDim):
+                flows |= _dim_flows(c, k, dim, ck, origin)
+        if len(c.dims) > 1:
+            # ct() needs the ip prerequisite even on the conj_id flow.
+            flows |= {_flow(c.table, c.priority, Match.of(conj_id=c.ident, ct_state=state, eth_type=ETH_TYPE_IP),
+                            actions, ck, origin) for state, actions in _states(c)}
+    return frozenset(flows)
+
+
+def rule_member_part(rule: Rule, live: Liveness, world: World, hv: str, vm: VM | None) -> Flows:
+    """The clauses one VM contributes to a rule on this bridge (none if it is in none of the
+    rule's groups, or gone)."""
+    if vm is None:
+        return frozenset()
+    ck, origin = rule_cookie(rule.id), f"rule:{rule.id}"
+    flows: set[FlowSpec] = set()
+    for c, holds in zip(rule_conjunctions(rule), live):
+        if not holds:
+            continue
+        for k, dim in enumerate(c.dims, start=1):
+            if isinstance(dim, MemberDim) and _is_member(dim, vm.uuid, world):
+                flows |= _dim_flows(c, k, member_matches(dim, vm, hv), ck, origin)
+    return frozenset(flows)
+
+
+def rule_member_uuids(rule: Rule, world: World) -> set[str]:
+    """Every VM that may contribute clauses to the rule."""
+    out: set[str] = set()
+    for c in rule_conjunctions(rule):
+        for dim in c.dims:
+            if isinstance(dim, MemberDim):
+                out.update(vm.uuid for vm in _dim_members(dim, world))
+    return out
+
+
+def rule_groups(rule: Rule) -> tuple[frozenset[str], bool]:
+    """(the groups the rule's clauses are drawn from, whether some dimension draws from every VM)."""
+    dims = [d for c in rule_conjunctions(rule) for d in c.dims if isinstance(d, MemberDim)]
+    return frozenset(d.group for d in dims if d.group is not None), any(d.group is None for d in dims)
+
+
+def rule_parts(rule: Rule, world: World, hv: str) -> tuple[Liveness, dict[PartKey, Flows]]:
+    """A rule on one bridge: its liveness, its fixed part ("rule", id) and one part per
+    contributing VM ("rule", id, uuid)."""
+    live = rule_liveness(rule, world, hv)
+    if not any(live):
+        return live, {}
+    vms = world.inventory.vms
+    parts: dict[PartKey, Flows] = {("rule", rule.id): rule_fixed_part(rule, live)}
+    for uuid in rule_member_uuids(rule, world):
+        parts[("rule", rule.id, uuid)] = rule_member_part(rule, live, world, hv, vms.get(uuid))
+    return live, {k: v for k, v in parts.items() if v}
 
 
 def rule_part(rule: Rule, world: World, hv: str) -> Flows:
-    if not rule.enabled:
-        return frozenset()
-    ports = [s for s in rule.services if isinstance(s, Port)]
-    apps = [s for s in rule.services if isinstance(s, AppService)]
-    # No services at all means any service; app-only rules have no plain part.
-    has_plain = bool(ports) or not apps
-    plain_services = _services_dimension(ports) if ports else None
-    prio = rule_priority(rule.tier, rule.position)
-    ck, origin = rule_cookie(rule.id), f"rule:{rule.id}"
+    """All of one rule's flows on one bridge."""
     flows: set[FlowSpec] = set()
-    for egress in (True, False):
-        if rule.monitor:
-            table = Table.EGRESS_MONITOR if egress else Table.INGRESS_MONITOR
-            after = Table.EGRESS_POLICY if egress else Table.INGRESS_POLICY
-            on_new: tuple[Action, ...] = (GotoTable(int(after)),)
-            on_est: tuple[Action, ...] | None = None  # monitor counts connections, not packets
-        else:
-            table = Table.EGRESS_POLICY if egress else Table.INGRESS_POLICY
-            on_new, on_est = _verdict_actions(rule, Table.L2_LOOKUP if egress else Table.ACCEPT)
-        if egress:
-            near = _local_dimension(world, rule.source, hv, "in_port", "ipv4_src")
-            far = _remote_dimension(world, rule.destination, "ipv4_dst")
-        else:
-            near = _local_dimension(world, rule.destination, hv, "reg7", "ipv4_dst")
-            far = _remote_dimension(world, rule.source, "ipv4_src")
-        tag = "egress" if egress else "ingress"
-        if has_plain:
-            flows |= _conjunctive(table, prio, [near, far, plain_services], conj_id(rule.id, tag),
-                                  on_new, on_est, ck, origin)
-        if apps:
-            app_dim = _app_dimension(world, rule, apps, hv, egress)
-            src_dim = near if egress else far
-            flows |= _conjunctive(table, prio - 1, [src_dim, app_dim], conj_id(rule.id, tag + "-app"),
-                                  on_new, on_est, ck, origin)
+    for part in rule_parts(rule, world, hv)[1].values():
+        flows |= part
     return frozenset(flows)
 
 
@@ -466,7 +572,7 @@ def bridge_parts(world: World, hv_name: str) -> dict[PartKey, Flows]:
             if local:
                 parts[("port", nic.mac)] = port_part(nic, hv)
     for rule in world.policy.rules:
-        parts[("rule", rule.id)] = rule_part(rule, world, hv_name)
+        parts.update(rule_parts(rule, world, hv_name)[1])
     parts[("quarantine",)] = quarantine_part(world, hv_name)
     return parts
 

@@ -6,8 +6,8 @@ changes. Pure: it compiles and explains both worlds side by side.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
 
 from controller.flows.compile import World, compile_bridge
 from controller.identity.groups import GroupDef, compute_members
@@ -81,7 +81,7 @@ def whatif(world: World, groups: Mapping[str, GroupDef], draft: Policy, draft_gr
            *, max_pairs: int = MAX_PAIRS) -> WhatIf:
     vms = sorted(world.inventory.vms.values(), key=lambda v: v.name)
     draft_members = compute_members(draft_groups, vms)
-    draft_world = replace(world, members=draft_members, policy=draft, memo={})  # quarantine stays
+    draft_world = replace(world, members=draft_members, policy=draft)  # quarantine stays
     flows = tuple(FlowCountChange(hv, len(compile_bridge(world, hv, check=False)), len(compile_bridge(draft_world, hv)))
                   for hv in sorted(world.inventory.hypervisors))
     probes = policy_probes((world.policy, draft), vms)
