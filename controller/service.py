@@ -7,6 +7,7 @@ pure runtime and hands its switch commands back to the app.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import queue
@@ -229,8 +230,21 @@ def start_api(config: Config, store: Any, service: Service) -> Any:
     return server
 
 
+# The engine holds hundreds of thousands of small immutable objects (flows, matches) that live
+# as long as the world does. With CPython's default thresholds a full collection walks them all
+# again and again while a fleet is compiled (N=2000 VMs: 2.0 s instead of 0.8 s for one OVSDB
+# snapshot); collecting young objects less often and freezing what boot built keeps cycles
+# collected without rescanning the world.
+GC_THRESHOLDS = (100_000, 50, 1000)
+
+
+def tune_gc() -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run(config: Config) -> int:
     """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops."""
+    tune_gc()
     from os_ken.base import app_manager
 
     import apps.goldilocks_app as app_module
@@ -260,6 +274,7 @@ def run(config: Config) -> int:
     app = app_module.southbound()
     assert app is not None
     service.attach_southbound(app.execute)
+    gc.freeze()  # what boot built lives as long as the process
     service.start_engine()
     service.start_monitors()
     api = start_api(config, store, service) if config.api_port else None
