@@ -14,8 +14,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
 from controller.engine import Engine
 from controller.identity.groups import GroupDef
 from controller.model import VM, Fact, Inventory
@@ -23,7 +21,7 @@ from controller.policy.load import parse_policy
 from controller.policy.quarantine import MANUAL_ONLY, QuarantinePolicy
 from controller.policy.schema import Policy
 from controller.policy.validate import Problem
-from controller.scenario import load_scenario
+from controller.scenario import load_scenario, load_yaml
 from controller.store import Store, StoredState
 from controller.store.records import ContextRecord
 
@@ -33,7 +31,7 @@ ADMIN_TOKEN_ENV = "GOLDILOCKS_ADMIN_TOKEN"
 
 def policy_document_of(path: str | Path) -> dict[str, Any]:
     """The {groups, rules} document of a scenario file (or of a bare policy file)."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    data = load_yaml(Path(path).read_text()) or {}
     rules = data.get("rules", (data.get("policy") or {}).get("rules", []))
     return {"groups": dict(data.get("groups") or {}), "rules": list(rules or [])}
 
