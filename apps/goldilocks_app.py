@@ -24,7 +24,8 @@ from os_ken.controller.handler import (
 )
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_4
 
-from apps.ofcodec import DecodeError, decode_flow_stats, flow_mod, flow_stats_request
+from apps.ofcodec import DecodeError, decode_flow_stats, flow_stats_request
+from apps.ofwire import BundleXids, encode_bundle, reserve_xids
 from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_ident, cookie_kind
 from controller.flows.reconcile import FlowOp
 from controller.flows.types import FlowSpec
@@ -67,9 +68,8 @@ def attach(sink: Sink) -> None:
 @dataclass
 class _Bundle:
     id: int
+    xids: BundleXids
     ops: dict[int, FlowOp]  # xid of each add message -> the op it carries
-    commit_xid: int | None = None
-    barrier_xid: int | None = None
     errors: list[str] = field(default_factory=list)
 
 
@@ -161,10 +161,13 @@ class GoldilocksApp(app_manager.OSKenApp):
                 LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
                 return
             op = bundle.ops.get(msg.xid)
-            if op is not None:
-                bundle.errors.append(describe_rejection(op, error_name(dp.ofproto, msg.type, msg.code)))
+            if op is not None or msg.xid == bundle.xids.open():
+                # OVS leaves a refused add out and still commits the rest (apps/ofwire.py):
+                # reported as a failure, so the runtime trusts only a fresh dump.
+                error = error_name(dp.ofproto, msg.type, msg.code)
+                bundle.errors.append(describe_rejection(op, error) if op else f"switch refused to open the bundle: {error}")
                 return
-            if msg.xid not in (bundle.commit_xid, bundle.barrier_xid):
+            if msg.xid not in (bundle.xids.commit(), bundle.xids.barrier()):
                 LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
                 return
             sw.bundle = None
@@ -178,7 +181,7 @@ class GoldilocksApp(app_manager.OSKenApp):
         with self._lock:
             sw = self._switches.get(dp.id)
             bundle = sw.bundle if sw is not None else None
-            if bundle is None or ev.msg.xid != bundle.barrier_xid:
+            if bundle is None or ev.msg.xid != bundle.xids.barrier():
                 return
             sw.bundle = None
         if bundle.errors:
@@ -219,28 +222,24 @@ class GoldilocksApp(app_manager.OSKenApp):
         dp.send_msg(flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
 
     def _send_bundle(self, sw: _Switch, command: SendBundle) -> None:
-        """Open, one add per flow op, commit, barrier — serialized here, written to the socket
-        as one buffer (one queue slot instead of one per message), without holding the lock
-        that every switch's handlers need."""
+        """Open, one add per flow op, commit, barrier (apps/ofwire.py writes the bytes). The xids
+        are reserved as one block and the bundle registered before the first byte goes out, so
+        an error for any add names its flow; the bytes go out in chunks so the switch parses the
+        first adds while the rest is encoded. No lock is held while sending."""
         dp = sw.datapath
-        ofp, parser = dp.ofproto, dp.ofproto_parser
-        flags = ofp.ONF_BF_ATOMIC | ofp.ONF_BF_ORDERED if ofp.OFP_VERSION == ofproto_v1_3.OFP_VERSION \
-            else ofp.OFPBF_ATOMIC | ofp.OFPBF_ORDERED
-        bid = command.bundle & 0xFFFFFFFF
-        bundle = _Bundle(command.bundle, {})
-        chunks = [_wire(dp, _bundle_ctrl(dp, bid, "OPEN", flags))]
-        for op in command.ops:
-            add = _bundle_add(dp, bid, flags, flow_mod(ofp, parser, dp, op))
-            chunks.append(_wire(dp, add))
-            bundle.ops[add.xid] = op
-        commit = _bundle_ctrl(dp, bid, "COMMIT", flags)
-        chunks.append(_wire(dp, commit))
-        barrier = parser.OFPBarrierRequest(dp)
-        chunks.append(_wire(dp, barrier))
-        bundle.commit_xid, bundle.barrier_xid = commit.xid, barrier.xid
+        xids = reserve_xids(dp, len(command.ops))
+        bundle = _Bundle(command.bundle, xids, xids.ops(command.ops))
         with self._lock:
             sw.bundle = bundle
-        dp.send(b"".join(chunks))
+        try:
+            for chunk in encode_bundle(dp.ofproto.OFP_VERSION, command.bundle, xids, command.ops):
+                dp.send(chunk)
+        except Exception:
+            # A flow that cannot be encoded: what went out is an open bundle never committed.
+            with self._lock:
+                if sw.bundle is bundle:
+                    sw.bundle = None
+            raise
         LOG.info("switch %016x: bundle %d with %d flow mods", dp.id, command.bundle, len(command.ops))
 
     def _flush_zones(self, sw: _Switch, zones: tuple[int, ...]) -> None:
@@ -284,25 +283,3 @@ def error_name(ofp: Any, err_type: int, err_code: int) -> str:
     if tname and cname:
         return f"{tname}/{cname}"
     return f"error type={err_type} code={err_code}"
-
-
-def _wire(dp: Any, msg: Any) -> bytes:
-    dp.set_xid(msg)
-    msg.serialize()
-    return bytes(msg.buf)
-
-
-def _bundle_ctrl(dp: Any, bundle_id: int, what: str, flags: int) -> Any:
-    ofp, parser = dp.ofproto, dp.ofproto_parser
-    if ofp.OFP_VERSION == ofproto_v1_3.OFP_VERSION:
-        kind = getattr(ofp, f"ONF_BCT_{what}_REQUEST")
-        return parser.ONFBundleCtrlMsg(dp, bundle_id, kind, flags, [])
-    kind = getattr(ofp, f"OFPBCT_{what}_REQUEST")
-    return parser.OFPBundleCtrlMsg(dp, bundle_id, kind, flags, [])
-
-
-def _bundle_add(dp: Any, bundle_id: int, flags: int, message: Any) -> Any:
-    parser = dp.ofproto_parser
-    if dp.ofproto.OFP_VERSION == ofproto_v1_3.OFP_VERSION:
-        return parser.ONFBundleAddMsg(dp, bundle_id, flags, message, [])
-    return parser.OFPBundleAddMsg(dp, bundle_id, flags, message, [])

@@ -139,7 +139,7 @@ def encode_action(ofp: ModuleType, parser: ModuleType, action: Action) -> OsKen:
     raise TypeError(f"cannot encode {action!r} as an action")
 
 
-def _zone_ofs_nbits(zone_field: str) -> int:
+def zone_ofs_nbits(zone_field: str) -> int:
     # Same zone width as render.py: the declared width of the zone register, else 16 bits.
     bits = REG_ZONE.bits if zone_field == REG_ZONE.field else 16
     return nicira_ext.ofs_nbits(0, bits - 1)
@@ -149,7 +149,7 @@ def _encode_ct(parser: ModuleType, ct: Ct) -> OsKen:
     inner = [] if ct.set_mark is None else [parser.OFPActionSetField(ct_mark=ct.set_mark)]
     return parser.NXActionCT(
         flags=CT_FLAG_COMMIT if ct.commit else 0, zone_src=ct.zone_field,
-        zone_ofs_nbits=_zone_ofs_nbits(ct.zone_field),
+        zone_ofs_nbits=zone_ofs_nbits(ct.zone_field),
         recirc_table=CT_RECIRC_NONE if ct.table is None else ct.table, alg=0, actions=inner,
     )
 
@@ -298,7 +298,7 @@ def _decode_ct(action: OsKen) -> Action:
     if not action.zone_src:
         raise DecodeError("ct with an immediate zone")
     zone = field_name(action.zone_src)
-    if action.zone_ofs_nbits != _zone_ofs_nbits(zone):
+    if action.zone_ofs_nbits != zone_ofs_nbits(zone):
         bits = nicira_ext.ofs_nbits_str(action.zone_ofs_nbits)
         raise DecodeError(f"ct zone from {zone}{bits}")
     table = None if action.recirc_table == CT_RECIRC_NONE else action.recirc_table

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import logging
@@ -26,8 +27,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
+from apps import ofwire
 from bench.compile import (
     Scale,
     _context_event,
@@ -154,6 +156,117 @@ def measure_floor(sandbox: Path, sizes: tuple[int, ...], base: frozenset[FlowSpe
     return out
 
 
+# ---- encoding alone, no switch -----------------------------------------------------------------
+
+ENCODE_SIZE = 100_000
+OSKEN_SAMPLE = 2_000  # os-ken is ~100x slower: a sample gives its per-flow cost
+
+
+def measure_encode(base: frozenset[FlowSpec], reps: int = 3) -> dict[str, float]:
+    """µs per flow to turn bundle adds into bytes, best of `reps`: apps/ofwire cold (caches
+    cleared, as for flows never sent before) and warm (the same specs again, e.g. a reconnect),
+    and the os-ken objects Goldilocks used before (ofcodec.flow_mod inside an OFPBundleAddMsg)."""
+    from os_ken.ofproto import ofproto_v1_4, ofproto_v1_4_parser
+
+    from apps.ofcodec import flow_mod
+    from apps.ofwire import OF14, BundleXids, encode_bundle
+    from controller.flows.reconcile import diff, plan
+
+    ops = plan(diff(make_flows(ENCODE_SIZE, base), frozenset()))
+    xids = BundleXids(1, len(ops))
+
+    def encode_all() -> float:
+        start = time.perf_counter()
+        for _ in encode_bundle(OF14, 1, xids, ops):
+            pass
+        return (time.perf_counter() - start) / len(ops) * 1e6
+
+    cold, warm = [], []
+    for _ in range(reps):
+        ofwire.clear_caches()
+        cold.append(encode_all())
+        warm.append(encode_all())
+    ofwire.clear_caches()
+
+    class Datapath:  # all os-ken's serializers read from a datapath
+        ofproto, ofproto_parser = ofproto_v1_4, ofproto_v1_4_parser
+
+    start = time.perf_counter()
+    for xid, op in enumerate(ops[:: len(ops) // OSKEN_SAMPLE]):  # spread over the whole mix
+        msg = ofproto_v1_4_parser.OFPBundleAddMsg(Datapath, 1, 3, flow_mod(ofproto_v1_4, ofproto_v1_4_parser, Datapath, op), [])
+        msg.set_xid(xid)
+        msg.serialize()
+    osken = (time.perf_counter() - start) / len(ops[:: len(ops) // OSKEN_SAMPLE]) * 1e6
+    return {"cold_us": min(cold), "warm_us": min(warm), "osken_us": osken, "flows": len(ops)}
+
+
+class GcClock:
+    """Wall time the garbage collector spends, from gc.callbacks: how much of a phase is GC."""
+
+    def __init__(self) -> None:
+        self.total, self._start = 0.0, 0.0
+
+    def __enter__(self) -> Self:
+        gc.callbacks.append(self._tick)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._tick)
+
+    def _tick(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.total += time.perf_counter() - self._start
+
+
+def measure_phases(base: frozenset[FlowSpec], n: int = ENCODE_SIZE, reps: int = 3) -> dict[str, Any]:
+    """The engine thread's work for one install of n flows into an empty bridge, phase by phase,
+    in-process and without a switch, as runtime.py does it: diff and plan (on FlowsDumped),
+    encode (apps/ofwire, cold), apply_plan (on BundleCommitted). Median of `reps`; µs per flow,
+    and how much of each phase was garbage collection."""
+    from apps.ofwire import OF14, BundleXids, encode_bundle
+    from controller.flows.reconcile import apply_plan, diff, plan
+    from controller.service import GC_THRESHOLDS
+
+    desired = make_flows(n, base)
+
+    def encode(ops: tuple[Any, ...]) -> tuple[Any, ...]:
+        for _ in encode_bundle(OF14, 1, BundleXids(1, len(ops)), ops):
+            pass
+        return ops  # the next step reads the plan again
+
+    steps: dict[str, Callable[[Any], Any]] = {
+        "diff": lambda _: diff(desired, frozenset()),
+        "plan": plan,
+        "encode (apps/ofwire, cold)": encode,
+        "apply_plan": lambda ops: apply_plan(frozenset(), ops),
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    saved = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)  # the GC as `goldilocks run` sets it: see controller/service.py
+    gc.freeze()
+    try:
+        _run_phases(steps, runs, reps)
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
+    return {name: {"us": statistics.median(t for t, _ in r) / n * 1e6,
+                   "gc_us": statistics.median(g for _, g in r) / n * 1e6} for name, r in runs.items()} | {"flows": n}
+
+
+def _run_phases(steps: dict[str, Callable[[Any], Any]], runs: dict[str, list[tuple[float, float]]],
+                reps: int) -> None:
+    for _ in range(reps):
+        ofwire.clear_caches()
+        value: Any = None
+        for name, step in steps.items():
+            with GcClock() as clock:
+                start = time.perf_counter()
+                value = step(value)
+                runs[name].append((time.perf_counter() - start, clock.total))
+
+
 # ---- Goldilocks in-process: os-ken app + Service inside the namespace ------------------------------
 
 
@@ -249,7 +362,9 @@ def start_controller(engine: Any, profile: cProfile.Profile | None = None) -> tu
     from apps.guard import install_guard
     from controller.config import Config
     from controller.runtime import Runtime
-    from controller.service import Service, configure_os_ken
+    from controller.service import Service, configure_os_ken, tune_gc
+
+    tune_gc()  # the controller process's GC, as controller.service.run sets it
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -266,6 +381,7 @@ def start_controller(engine: Any, profile: cProfile.Profile | None = None) -> tu
     app = app_module.southbound()
     assert app is not None
     service.attach_southbound(probe.wrap_execute(app.execute))
+    gc.freeze()  # as controller.service.run: what boot built (here: every bridge's flows) lives on
     service.start_engine()
     deadline = time.monotonic() + 10
     while not _listening(port):
@@ -294,6 +410,7 @@ def child_throughput(sandbox: Path, sizes: list[int], reps: int, profile_top: in
     service, probe, port = start_controller(engine, profile)
     results: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for hv, bridge, dpid, n in plan:
+        ofwire.clear_caches()  # every install encodes cold, as a controller meeting new flows does
         probe.arm(hv)
         vsctl(sandbox, *add_bridge_cmd(bridge, dpid, f"tcp:127.0.0.1:{port}"))
         if not probe.done.wait(timeout=600):
@@ -400,7 +517,8 @@ def _ovs_version() -> str:
         return f"unknown ({exc})"
 
 
-def render(floor: dict[int, dict[str, Any]], gold: dict[str, Any], lat: dict[str, Any], quick: bool) -> str:
+def render(floor: dict[int, dict[str, Any]], gold: dict[str, Any], lat: dict[str, Any], encode: dict[str, float],
+           phases: dict[str, Any], quick: bool) -> str:
     lines = [SECTION, "",
              "Flows installed on a real Open vSwitch (`python -m bench.install`; see bench/README.md): one netdev "
              "bridge, fail_mode=secure, OpenFlow 1.4, in a private OvsSandbox. Goldilocks is the real os-ken app and "
@@ -408,13 +526,15 @@ def render(floor: dict[int, dict[str, Any]], gold: dict[str, Any], lat: dict[str
              "", *machine_info(), f"- OVS: {_ovs_version()}", ""]
     lines += ["### Install throughput, empty bridge", "",
               ("| flows | ovs-ofctl --bundle add-flows (s) | flows/s | Goldilocks connect → in sync (s) | flows/s "
-              "| Goldilocks / floor | installed (Goldilocks) | n |"), "|---|---|---|---|---|---|---|---|"]
+              "| Goldilocks / floor | southbound: bundle start → barrier reply (s) | southbound / floor "
+              "| installed (Goldilocks) | n |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for n, f in floor.items():
         runs = gold["runs"][str(n)]
         g = statistics.median(r["in_sync"] for r in runs)
+        south = statistics.median(r["committed"] - r["send_start"] for r in runs)
         installed = ", ".join(sorted({f"{r['installed']:,}" for r in runs}))
         lines.append(f"| {n:,} | {f['s']:.3f} | {n / f['s']:,.0f} | {g:.3f} | {n / g:,.0f} | {f['s'] / g:.0%} "
-                     f"| {installed} | {len(runs)} |")
+                     f"| {south:.3f} | {f['s'] / south:.0%} | {installed} | {len(runs)} |")
     lines += ["", "Split of the Goldilocks install (median, seconds from SwitchConnected posted):", "",
               "| flows | dump reply posted | bundle start (diff+plan done) | last flow mod queued | barrier reply posted | in sync |",
               "|---|---|---|---|---|---|"]
@@ -427,7 +547,22 @@ def render(floor: dict[int, dict[str, Any]], gold: dict[str, Any], lat: dict[str
               "bundle's barrier reply (flow dump, diff, one atomic bundle of N adds, commit, barrier). The flows are "
               "hv000 of bench/compile's 1k VMs / 100 rules / 10 HVs world (3.7k flows; a seeded sample of it for 1k), "
               "topped up with distinct table-12 conjunctive clauses under Goldilocks rule cookies; installed = "
-              "Goldilocks-cookie flows on the bridge afterwards (`ovs-ofctl dump-flows`)."), ""]
+              "Goldilocks-cookie flows on the bridge afterwards (`ovs-ofctl dump-flows`). Every install encodes cold "
+              "(apps/ofwire's caches cleared first). Southbound: the app's part and the switch's — encode, send, OVS "
+              "parsing the adds, commit, barrier reply — "
+              "without the runtime's diff and plan before it or its bookkeeping after it."), ""]
+    lines += ["### Encoding alone (no switch)", "",
+              f"µs per flow to turn {encode['flows']:,} bundle adds (the 100k set) into bytes, best of 3, in-process:", "",
+              "| apps/ofwire, cold | apps/ofwire, warm (same specs again) | os-ken objects (before; 2,000-flow sample) |",
+              "|---|---|---|",
+              f"| {encode['cold_us']:.1f} | {encode['warm_us']:.1f} | {encode['osken_us']:.1f} |", ""]
+    lines += ["### The engine thread's work per flow (no switch)", "",
+              (f"One install of {phases['flows']:,} flows into an empty bridge, as controller/runtime.py does it, "
+               "in-process: µs per flow, median of 3, and how much of it the garbage collector took "
+               "(gc.callbacks)."), "",
+              "| phase | µs per flow | of which GC |", "|---|---|---|"]
+    lines += [f"| {name} | {p['us']:.1f} | {p['gc_us']:.1f} |" for name, p in phases.items() if name != "flows"]
+    lines.append("")
     ini = lat["initial"]
     lines += ["### Latency: one change → flows on the bridge (barrier reply)", "",
               (f"World: bench/compile's 1k VMs / 100 rules / 10 HVs (Engine build {lat['engine_build_s']:.1f} s); "
@@ -516,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
         sdir = sandbox.dir
         print(f"sandbox {sandbox.netns} in {sdir}", file=sys.stderr, flush=True)
         base = compiled_flows()
+        print("encoding, engine-thread phases ...", file=sys.stderr, flush=True)
+        encode = measure_encode(base)
+        phases = measure_phases(base)
         print("floor (ovs-ofctl) ...", file=sys.stderr, flush=True)
         floor = measure_floor(sdir, sizes, base, args.throughput_reps, sdir)
         print("goldilocks install ...", file=sys.stderr, flush=True)
@@ -526,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         lat = run_child(sandbox.netns, ["--child", "latency", *child], timeout=600)
     finally:
         sandbox.stop()
-    section = render(floor, gold, lat, args.quick)
+    section = render(floor, gold, lat, encode, phases, args.quick)
     print(section)
     if gold.get("profile"):
         print("\n## profile of the engine thread during the Goldilocks installs\n")

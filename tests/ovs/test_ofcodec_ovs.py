@@ -60,20 +60,20 @@ class OpenFlowPeer:
             data += chunk
         return data
 
-    def recv(self) -> Any:
+    def recv(self, errors_fail: bool = True) -> Any:
         """The next message that is not an echo request (those are answered here)."""
         while True:
             head = self._read(ofproto_common.OFP_HEADER_SIZE)
             version, msg_type, length, xid = struct.unpack(ofproto_common.OFP_HEADER_PACK_STR, head)
             buf = head + self._read(length - len(head))
             msg = ofproto_parser.msg(self, version, msg_type, length, xid, buf)
-            if isinstance(msg, PARSER.OFPEchoRequest):
-                reply = PARSER.OFPEchoReply(self, data=msg.data)
+            if isinstance(msg, self.ofproto_parser.OFPEchoRequest):
+                reply = self.ofproto_parser.OFPEchoReply(self, data=msg.data)
                 reply.set_xid(xid)
                 reply.serialize()
                 self.sock.sendall(bytes(reply.buf))
                 continue
-            if isinstance(msg, PARSER.OFPErrorMsg):
+            if errors_fail and isinstance(msg, self.ofproto_parser.OFPErrorMsg):
                 pytest.fail(f"switch error type={msg.type} code={msg.code} xid={msg.xid}")
             return msg
 
@@ -84,29 +84,31 @@ class OpenFlowPeer:
         return msg
 
     def handshake(self) -> None:
-        self.send(PARSER.OFPHello(self))
-        hello = self.recv_until(PARSER.OFPHello)
-        assert hello.version == OFP.OFP_VERSION, "bridge must speak OpenFlow 1.4"
-        self.send(PARSER.OFPFeaturesRequest(self))
-        self.datapath_id = self.recv_until(PARSER.OFPSwitchFeatures).datapath_id
+        ofp, parser = self.ofproto, self.ofproto_parser
+        self.send(parser.OFPHello(self))
+        hello = self.recv_until(parser.OFPHello)
+        assert hello.version == ofp.OFP_VERSION, f"bridge must speak OpenFlow version {ofp.OFP_VERSION:#x}"
+        self.send(parser.OFPFeaturesRequest(self))
+        self.datapath_id = self.recv_until(parser.OFPSwitchFeatures).datapath_id
 
     def barrier(self) -> None:
-        xid = self.send(PARSER.OFPBarrierRequest(self))
-        while self.recv_until(PARSER.OFPBarrierReply).xid != xid:
+        xid = self.send(self.ofproto_parser.OFPBarrierRequest(self))
+        while self.recv_until(self.ofproto_parser.OFPBarrierReply).xid != xid:
             pass
 
     def dump_ours(self) -> list[Any]:
         """Every flow stats entry under the Goldilocks cookie prefix, over all reply parts."""
-        self.send(flow_stats_request(OFP, PARSER, self, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
+        ofp, parser = self.ofproto, self.ofproto_parser
+        self.send(flow_stats_request(ofp, parser, self, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
         entries: list[Any] = []
         while True:
-            reply = self.recv_until(PARSER.OFPFlowStatsReply)
+            reply = self.recv_until(parser.OFPFlowStatsReply)
             entries.extend(reply.body)
-            if not reply.flags & OFP.OFPMPF_REPLY_MORE:
+            if not reply.flags & ofp.OFPMPF_REPLY_MORE:
                 return entries
 
 
-def connect(ovs: OvsSandbox, bridge: str) -> OpenFlowPeer:
+def connect(ovs: OvsSandbox, bridge: str, ofp: Any = OFP, parser: Any = PARSER) -> OpenFlowPeer:
     """Listen, point the bridge's controller at us, accept and shake hands."""
     path = ovs.dir / f"{bridge}.ctl.sock"
     path.unlink(missing_ok=True)  # bridge names are reused from test to test
@@ -121,7 +123,7 @@ def connect(ovs: OvsSandbox, bridge: str) -> OpenFlowPeer:
         server.close()
         path.unlink()  # one connection only: a reconnecting switch must not reach a stale peer
     conn.settimeout(TIMEOUT)
-    peer = OpenFlowPeer(conn)
+    peer = OpenFlowPeer(conn, ofp, parser)
     peer.handshake()
     return peer
 

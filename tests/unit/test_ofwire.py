@@ -1,0 +1,207 @@
+"""apps/ofwire: our bundle bytes are os-ken's bytes, message for message — every compiled flow of
+both examples, every op kind, OpenFlow 1.4 and 1.3 (ONF bundles) — and a whole bundle is a
+stream os-ken parses back into the messages, with the xids the app maps replies by."""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import os_ken.base.app_manager  # noqa: F401  (imports os_ken.controller.controller cycle-free)
+import pytest
+from os_ken.controller.controller import Datapath as OsKenDatapath
+from os_ken.ofproto import (
+    ofproto_common,
+    ofproto_v1_3,
+    ofproto_v1_3_parser,
+    ofproto_v1_4,
+    ofproto_v1_4_parser,
+)
+
+from apps import ofwire
+from apps.ofcodec import decode_flow_stats, flow_mod
+from apps.ofwire import MAX_XID, BundleEncoder, BundleXids, encode_bundle, reserve_xids
+from controller.flows.pipeline import COOKIE_PREFIX
+from controller.flows.reconcile import FlowOp, OpKind
+from controller.flows.types import (
+    CT_EST,
+    CT_TRK,
+    ETH_TYPE_IP,
+    FlowSpec,
+    GotoTable,
+    Match,
+    Output,
+    SetField,
+)
+from tests.unit.test_ofcodec import Datapath, example_flows, stats_entry_bytes
+
+OF14, OF13 = (ofproto_v1_4, ofproto_v1_4_parser), (ofproto_v1_3, ofproto_v1_3_parser)
+VERSIONS = [pytest.param(OF14, id="of14"), pytest.param(OF13, id="of13")]
+BUNDLE_ID, FLAGS, XID = 0x1234_5678, 3, 0xDEAD_BEEF  # FLAGS: atomic | ordered, in 1.4 and ONF
+
+MASKED = FlowSpec(  # every kind of mask, NXM fields and OpenFlow basic ones mixed
+    12, 500,
+    Match.of(eth_type=ETH_TYPE_IP, ip_proto=6, ipv4_src="10.1.0.0/16", tcp_dst=(0x400, 0xFC00),
+             ct_state=(CT_TRK | CT_EST, 0x3F), ct_mark=(1, 1), reg7=(4, 0xFF),
+             eth_dst=("01:00:00:00:00:00", "01:00:00:00:00:00")),
+    (SetField("reg6", 3), SetField("eth_src", 0x020000000001), GotoTable(20)),
+    COOKIE_PREFIX | 1 << 40,
+)
+
+
+def osken_bytes(msg: Any, xid: int) -> bytes:
+    msg.set_xid(xid)
+    msg.serialize()
+    return bytes(msg.buf)
+
+
+def osken_add(version: tuple[ModuleType, ModuleType], op: FlowOp, xid: int) -> bytes:
+    ofp, parser = version
+    dp = Datapath(ofp, parser)
+    add = parser.OFPBundleAddMsg if ofp is ofproto_v1_4 else parser.ONFBundleAddMsg
+    return osken_bytes(add(dp, BUNDLE_ID, FLAGS, flow_mod(ofp, parser, dp, op), []), xid)
+
+
+def osken_ctrl(version: tuple[ModuleType, ModuleType], what: str, xid: int) -> bytes:
+    ofp, parser = version
+    dp = Datapath(ofp, parser)
+    if ofp is ofproto_v1_4:
+        msg = parser.OFPBundleCtrlMsg(dp, BUNDLE_ID, getattr(ofp, f"OFPBCT_{what}_REQUEST"), FLAGS, [])
+    else:
+        msg = parser.ONFBundleCtrlMsg(dp, BUNDLE_ID, getattr(ofp, f"ONF_BCT_{what}_REQUEST"), FLAGS, [])
+    return osken_bytes(msg, xid)
+
+
+def ops_of(flows: tuple[FlowSpec, ...]) -> list[FlowOp]:
+    return [FlowOp(kind, f) for f in flows for kind in OpKind]
+
+
+# ---- byte equality with os-ken ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_compiled_flow_and_op_kind_encodes_to_os_kens_bytes(version: tuple[ModuleType, ModuleType]) -> None:
+    ofwire.clear_caches()
+    enc = BundleEncoder(version[0].OFP_VERSION, BUNDLE_ID)
+    ops = ops_of(example_flows() + (MASKED,))
+    assert len(ops) > 450
+    mismatched = [op for op in ops if enc.add(XID, op) != osken_add(version, op, XID)]
+    assert mismatched == []
+    # and again from the cache, which must not be keyed on anything but (kind, flow)
+    assert [op for op in ops if enc.add(7, op) != osken_add(version, op, 7)] == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_bundle_control_and_barrier_are_os_kens_bytes(version: tuple[ModuleType, ModuleType]) -> None:
+    ofp, parser = version
+    enc = BundleEncoder(ofp.OFP_VERSION, BUNDLE_ID)
+    assert enc.open(XID) == osken_ctrl(version, "OPEN", XID)
+    assert enc.commit(XID) == osken_ctrl(version, "COMMIT", XID)
+    assert enc.barrier(XID) == osken_bytes(parser.OFPBarrierRequest(Datapath(ofp, parser)), XID)
+
+
+def test_an_add_carries_a_flow_os_ken_decodes_back_to_the_spec() -> None:
+    """Beyond bytes: the flow mod inside our bundle add, read as a switch's flow stats entry,
+    is the FlowSpec it was made from."""
+    ofp = ofproto_v1_4
+    for flow in example_flows() + (MASKED,):
+        inner = BundleEncoder(ofp.OFP_VERSION, 1).add(1, FlowOp(OpKind.ADD, flow))[16:]
+        entry = stats_entry_bytes(ofp, inner, flow.table, flow.priority, flow.cookie)
+        assert decode_flow_stats(ofproto_v1_4_parser.OFPFlowStats.parser(entry, 0)) == flow
+
+
+def test_goto_table_must_be_last_and_other_versions_have_no_bundles() -> None:
+    bad = FlowSpec(0, 1, Match(), (GotoTable(20), Output(1)), COOKIE_PREFIX)
+    with pytest.raises(ValueError):
+        BundleEncoder(ofproto_v1_4.OFP_VERSION, 1).add(1, FlowOp(OpKind.ADD, bad))
+    with pytest.raises(ValueError):
+        BundleEncoder(0x01, 1)
+
+
+# ---- whole bundles ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    type: int
+    xid: int
+    body: bytes  # after ofp_header and, in OF1.3, the ONF experimenter id and type
+    exp_type: int | None = None
+
+
+def split_stream(data: bytes) -> list[Message]:
+    """Cut a byte stream into OpenFlow messages by their headers, as the switch reads it (os-ken
+    has no parsers for controller-to-switch messages; their bytes are checked above)."""
+    out, offset = [], 0
+    while offset < len(data):
+        version, msg_type, length, xid = struct.unpack_from("!BBHI", data, offset)
+        body = data[offset + 8 : offset + length]
+        if version == ofproto_v1_3.OFP_VERSION and msg_type == ofproto_v1_3.OFPT_EXPERIMENTER:
+            experimenter, exp_type = struct.unpack_from("!II", body)
+            assert experimenter == ofproto_common.ONF_EXPERIMENTER_ID
+            out.append(Message(msg_type, xid, body[8:], exp_type))
+        else:
+            out.append(Message(msg_type, xid, body))
+        offset += length
+    assert offset == len(data)
+    return out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_bundle_is_open_adds_commit_barrier_with_consecutive_xids(version: tuple[ModuleType, ModuleType]) -> None:
+    ofp = version[0]
+    ops = ops_of(example_flows()[:40])
+    xids = BundleXids(MAX_XID - 5, len(ops))  # the block wraps past 2**32 - 1 to 0
+    chunks = list(encode_bundle(ofp.OFP_VERSION, BUNDLE_ID, xids, ops, chunk_ops=16))
+    assert len(chunks) == -(-(len(ops) + 1) // 16)  # open + 16-op chunks, commit+barrier in the last
+    msgs = split_stream(b"".join(chunks))
+    assert [m.xid for m in msgs] == [(MAX_XID - 5 + i) & MAX_XID for i in range(BundleXids.count(len(ops)))]
+    assert xids.ops(ops) == {m.xid: op for m, op in zip(msgs[1:], ops)}
+    assert [m.xid for m in msgs[-2:]] == [xids.commit(), xids.barrier()]
+    enc = BundleEncoder(ofp.OFP_VERSION, BUNDLE_ID)
+    for m, op in zip(msgs[1:-2], ops):
+        bundle_id, flags = struct.unpack_from("!I2xH", m.body)
+        inner_xid = struct.unpack_from("!I", m.body, 12)[0]
+        assert (bundle_id, flags, inner_xid) == (BUNDLE_ID, FLAGS, m.xid)
+        assert enc.add(m.xid, op).endswith(m.body)
+    assert (msgs[-1].type, msgs[-1].body) == (ofp.OFPT_BARRIER_REQUEST, b"")
+    controls = [struct.unpack("!IHH", m.body) for m in (msgs[0], msgs[-2])]
+    if ofp is ofproto_v1_4:
+        assert [m.type for m in msgs[1:-2]] == [ofp.OFPT_BUNDLE_ADD_MESSAGE] * len(ops)
+        kinds = (ofp.OFPBCT_OPEN_REQUEST, ofp.OFPBCT_COMMIT_REQUEST)
+    else:
+        assert [m.exp_type for m in msgs[1:-2]] == [ofp.ONF_ET_BUNDLE_ADD_MESSAGE] * len(ops)
+        kinds = (ofp.ONF_BCT_OPEN_REQUEST, ofp.ONF_BCT_COMMIT_REQUEST)
+    assert controls == [(BUNDLE_ID, kind, FLAGS) for kind in kinds]
+
+
+def test_xids_are_reserved_from_os_kens_own_counter() -> None:
+    """A block of xids taken from a real os-ken Datapath: its next set_xid comes after it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()) as sock, server.accept()[0]:
+        dp = OsKenDatapath(sock, ("127.0.0.1", 0))
+        dp.set_version(ofproto_v1_4.OFP_VERSION)
+        dp.xid = MAX_XID - 1
+        xids = reserve_xids(dp, 2)
+        barrier = ofproto_v1_4_parser.OFPBarrierRequest(dp)
+        dp.set_xid(barrier)
+    assert (xids.first, xids.n_ops) == (MAX_XID, 2)
+    assert barrier.xid == 4  # MAX_XID and 0..3 are the bundle's: open, 2 adds, commit, barrier
+
+
+def test_the_body_cache_is_bounded() -> None:
+    cache = ofwire._BODIES[OpKind.ADD]
+    saved = cache.size
+    try:
+        ofwire.clear_caches()
+        cache.size = 10
+        enc = BundleEncoder(ofproto_v1_4.OFP_VERSION, 1)
+        for flow in example_flows()[:25]:
+            enc.add(1, FlowOp(OpKind.ADD, flow))
+        assert 0 < len(cache) <= 10
+    finally:
+        cache.size = saved
+        ofwire.clear_caches()
