@@ -418,7 +418,8 @@ def _dim_flows(c: Conj, k: int, matches: Iterable[Match], ck: int, origin: str) 
     """The flows of dimension `k` (1-based) of `c` for `matches`: conjunction clauses, or, when
     it is the only dimension, the verdict itself for each connection state."""
     if len(c.dims) == 1:
-        return {_flow(c.table, c.priority, _merge(m, Match.of(ct_state=state)), actions, ck, origin)
+        # ct() in the verdict needs the ip prerequisite, which a port match lacks.
+        return {_flow(c.table, c.priority, _merge(m, Match.of(ct_state=state, eth_type=ETH_TYPE_IP)), actions, ck, origin)
                 for m in matches for state, actions in _states(c)}
     clause = (Conjunction(c.ident, k, len(c.dims)),)
     return {_flow(c.table, c.priority, m, clause, ck, origin) for m in matches}

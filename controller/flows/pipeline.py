@@ -185,6 +185,10 @@ def _check_actions(flow: FlowSpec, table: Table, where: str) -> None:
             _check_forward(where, table, action.table)
         elif isinstance(action, Ct):
             _check_register_field(where, action.zone_field)
+            ip = flow.match.get("eth_type")
+            if ip is None or ip.value != ETH_TYPE_IP or ip.mask is not None:
+                # OVS refuses ct() without its prerequisite (OFPBAC_MATCH_INCONSISTENT).
+                raise PipelineViolation(f"{where}: ct() needs eth_type=0x0800 in the match")
             if action.table is not None:
                 _check_forward(where, table, action.table)
             if action.set_mark is not None and not action.commit:

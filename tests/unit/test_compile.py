@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from controller.flows.compile import World, compile_bridge, port_range_masks
@@ -18,6 +21,7 @@ from controller.flows.pipeline import (
 )
 from controller.flows.reconcile import OpKind, apply_plan, diff, plan
 from controller.flows.types import Conjunction, Ct, FlowSpec, GotoTable, Match, Output
+from controller.identity.groups import compute_members
 from controller.model import (
     VM,
     Attr,
@@ -30,6 +34,7 @@ from controller.model import (
     parse_port,
 )
 from controller.policy.schema import Action, GroupEndpoint, Policy, Rule
+from controller.scenario import load_scenario
 
 
 def _vm(i: int, hv: str, tier: str) -> VM:
@@ -152,3 +157,22 @@ def test_a_flow_changing_cookie_is_re_added_not_modified() -> None:
     (op,) = plan(diff([b], [a]))
     assert op.kind is OpKind.ADD and op.flow == b
     assert apply_plan([a], [op]) == frozenset({b})
+
+
+def test_a_single_dimension_verdict_with_ct_carries_the_ip_prerequisite() -> None:
+    """quarantine-out (group -> any, every service) is one dimension, a port: its verdict flows
+    commit to conntrack, which OVS refuses without eth_type=ip (found on real OVS)."""
+    sc = load_scenario(Path(__file__).resolve().parents[2] / "examples" / "finance-identity.yaml")
+    desk = sc.inventory.vm_by_name("fin-desk1")
+    tagged = replace(desk, facts=desk.facts | {Fact(Attr.TAG, "quarantine", "true", Provenance.PLATFORM)})
+    vms = {**sc.inventory.vms, desk.uuid: tagged}
+    world = World(replace(sc.inventory, vms=vms), compute_members(sc.groups, vms.values()), sc.policy)
+    flows = compile_bridge(world, desk.hypervisor)  # checks every flow
+    ct_flows = [f for f in flows if f.origin == "rule:quarantine-out" and any(isinstance(a, Ct) for a in f.actions)]
+    assert ct_flows and all(f.match.get("eth_type") is not None for f in ct_flows)
+
+
+def test_check_flow_refuses_ct_without_the_ip_prerequisite() -> None:
+    bad = FlowSpec(int(Table.EGRESS_POLICY), 100, Match.of(in_port=1), (Ct("reg6", commit=True),), cookie(CookieKind.PIPELINE, 0))
+    with pytest.raises(PipelineViolation, match="eth_type"):
+        check_flow(bad)
