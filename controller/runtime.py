@@ -17,7 +17,7 @@ from typing import Union
 from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import Event
-from controller.flows.reconcile import FlowOp, apply_plan, diff, plan
+from controller.flows.reconcile import FlowOp, FlowTable, apply_to_table, diff, keyed, plan
 from controller.flows.types import FlowSpec
 
 BACKOFF_FIRST = 0.5  # seconds
@@ -119,7 +119,7 @@ class BridgeSync:
     hypervisor: str
     dpid: int | None = None
     state: SyncState = SyncState.DISCONNECTED
-    installed: frozenset[FlowSpec] | None = None  # None: unknown until dumped
+    installed: FlowTable | None = None  # what the switch holds, by key; None: unknown until dumped
     pending: tuple[FlowOp, ...] = ()
     bundle: int = 0
     dirty: bool = False  # desired changed while a bundle was in flight
@@ -228,8 +228,8 @@ class Runtime:
     def _dumped(self, b: BridgeSync, flows: frozenset[FlowSpec]) -> tuple[BridgeSync, list[SwitchCommand]]:
         if b.state is not SyncState.DUMPING:
             return b, []
-        b = replace(b, installed=flows)
-        return self._send(b, plan(diff(self.engine.desired(b.hypervisor), flows)))
+        b = replace(b, installed=keyed(flows))
+        return self._send(b, plan(diff(self.engine.desired(b.hypervisor), b.installed)))
 
     def _changed(self, b: BridgeSync, ops: tuple[FlowOp, ...]) -> tuple[BridgeSync, list[SwitchCommand]]:
         if b.state is SyncState.IN_SYNC:
@@ -243,7 +243,7 @@ class Runtime:
     def _committed(self, b: BridgeSync, bundle: int) -> tuple[BridgeSync, list[SwitchCommand]]:
         if b.state is not SyncState.APPLYING or bundle != b.bundle or b.installed is None:
             return b, []
-        installed = apply_plan(b.installed, b.pending)
+        installed = apply_to_table(b.installed, b.pending)
         b = replace(b, installed=installed, pending=(), failures=0, retry_at=None, last_error=None)
         if not b.dirty:
             return self._send(b, ())

@@ -7,11 +7,16 @@ packets in flight through it are not disturbed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from controller.flows.types import FlowSpec
+from controller.flows.types import FlowSpec, Match
+
+FlowKey = tuple[int, int, Match]
+# A switch's flows by key. The runtime treats each one as a value: a change makes a new table
+# (a dict copy keeps the hashes, so it costs far less than rebuilding one from flows).
+FlowTable = Mapping[FlowKey, FlowSpec]
 
 
 class OpKind(str, Enum):
@@ -40,9 +45,13 @@ class Diff:
         return len(self.add) + len(self.modify) + len(self.delete)
 
 
-def diff(desired: Iterable[FlowSpec], installed: Iterable[FlowSpec]) -> Diff:
-    want = {f.key: f for f in desired}
-    have = {f.key: f for f in installed}
+def keyed(flows: Iterable[FlowSpec]) -> dict[FlowKey, FlowSpec]:
+    return {f.key: f for f in flows}
+
+
+def diff(desired: Iterable[FlowSpec], installed: Iterable[FlowSpec] | FlowTable) -> Diff:
+    want = keyed(desired)
+    have = installed if isinstance(installed, Mapping) else keyed(installed)
     return Diff(
         add=frozenset(f for k, f in want.items() if k not in have),
         modify=frozenset((have[k], f) for k, f in want.items() if k in have and have[k] != f),
@@ -77,10 +86,15 @@ def plan(d: Diff) -> tuple[FlowOp, ...]:
 
 def apply_plan(installed: Iterable[FlowSpec], ops: Iterable[FlowOp]) -> frozenset[FlowSpec]:
     """What a switch holds after executing `ops` (used to check plans; pure)."""
-    table = {f.key: f for f in installed}
+    return frozenset(apply_to_table(keyed(installed), ops).values())
+
+
+def apply_to_table(installed: FlowTable, ops: Iterable[FlowOp]) -> dict[FlowKey, FlowSpec]:
+    """A new table: `installed` after `ops` (`installed` itself is left as it was)."""
+    table = dict(installed)
     for op in ops:
         if op.kind is OpKind.DELETE:
             table.pop(op.flow.key, None)
         else:
             table[op.flow.key] = op.flow
-    return frozenset(table.values())
+    return table

@@ -232,7 +232,7 @@ class FlowSpec:
     origin: str = field(default="", compare=False, hash=False)
 
     def __getstate__(self) -> dict[str, object]:
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_key")}
 
     def __hash__(self) -> int:
         cached = self.__dict__.get("_hash")
@@ -244,4 +244,8 @@ class FlowSpec:
     @property
     def key(self) -> tuple[int, int, Match]:
         """What OpenFlow uses to tell two flows apart (strict match)."""
-        return (self.table, self.priority, self.match)
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            cached = (self.table, self.priority, self.match)
+            object.__setattr__(self, "_key", cached)
+        return cached
