@@ -154,7 +154,24 @@ def format_table(rows: list[list[str]]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    paths = args.scenario or sorted(str(p) for p in EXAMPLES.glob("*.yaml"))
+    """The live demo (Goldilocks managing a Mininet fleet), or with --compile-only the examples
+    compiled offline."""
+    if args.compile_only or args.scenario:
+        return compile_demo(args.scenario, out, err)
+    from fleet.ovs import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"goldilocks demo: {reason}.\nRun it as root (sudo make demo), or see the compiled "
+              "examples with `goldilocks demo --compile-only`.", file=err)
+        return EXIT_USAGE
+    from fleet.demo import run_demo
+
+    return run_demo(out, stay=args.stay)
+
+
+def compile_demo(scenarios: list[str], out: TextIO, err: TextIO) -> int:
+    paths = scenarios or sorted(str(p) for p in EXAMPLES.glob("*.yaml"))
     for path in paths:
         sc = _load(path, err)
         if sc is None:
@@ -170,6 +187,12 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(file=out)
     print("Next: goldilocks explain SCENARIO --src VM --dst VM --proto tcp --port N   (see README)", file=out)
     return EXIT_OK
+
+
+def cmd_sim(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from fleet.runner import run_many
+
+    return run_many(args, out)
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -356,9 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("run", help="run the OpenFlow controller: OVSDB monitors, os-ken app, engine (docs/running.md)")
     c.add_argument("--config", required=True, metavar="FILE", help="controller config YAML")
     c.set_defaults(func=cmd_run)
-    c = sub.add_parser("demo", help="compile the examples and print who may reach whom")
-    c.add_argument("scenario", nargs="*", help="scenario files (default: the shipped examples)")
+    c = sub.add_parser("demo", help="run Goldilocks on a simulated Mininet fleet and play the identity story "
+                                    "(root); --compile-only: compile the examples and print who may reach whom")
+    c.add_argument("scenario", nargs="*", help="with --compile-only: scenario files (default: the shipped examples)")
+    c.add_argument("--compile-only", action="store_true", help="no fleet: compile scenarios offline")
+    c.add_argument("--stay", action="store_true", help="keep the controller and the fleet up until Ctrl-C")
     c.set_defaults(func=cmd_demo)
+    c = sub.add_parser("sim", help="run simulation scenarios on a Mininet fleet (root; docs/simulation.md)")
+    c.add_argument("scenario", nargs="+", help="simulation files, e.g. mininet/scenarios/*.yaml")
+    from fleet.runner import add_controller_options
+
+    add_controller_options(c)
+    c.set_defaults(func=cmd_sim)
     return p
 
 

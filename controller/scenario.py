@@ -98,7 +98,7 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise ScenarioError([_yaml_problem(source, exc)], source) from exc
+        raise ScenarioError([yaml_problem(source, exc)], source) from exc
     return parse_scenario(data, source)
 
 
@@ -162,7 +162,7 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
+def yaml_problem(source: str, exc: yaml.YAMLError) -> Problem:
     mark = getattr(exc, "problem_mark", None)
     where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
     reason = getattr(exc, "problem", None) or str(exc)
