@@ -135,6 +135,10 @@ class Engine:
         for vm in self._effective.values():
             self._index.update_vm(vm)
         self._occupants: dict[str, dict[int, str]] = {}  # hypervisor -> ofport -> MAC seen there
+        # What each hypervisor's last OVSDB snapshot shows plugged: (vm uuid, MAC) -> ofport, and
+        # per VM the hypervisors that have a port of it (two during a live migration).
+        self._plugged: dict[str, dict[tuple[str, str], int]] = {}
+        self._plugged_at: dict[str, set[str]] = {}
         self._qpolicy = quarantine
         self._silent: set[str] = set()  # VMs whose guest context expired (agent silent)
         self._quarantine: dict[str, QuarantineState] = {}
@@ -229,6 +233,7 @@ class Engine:
             self._hypervisors.pop(event.name, None)
             self._bridges.pop(event.name, None)
             self._occupants.pop(event.name, None)
+            self._forget_snapshot(event.name, self._plugged.pop(event.name, {}))
             return _Change(everything=True)
         if isinstance(event, GatewayChanged):
             self._gateway = event.gateway
@@ -270,18 +275,36 @@ class Engine:
         new_hv = replace(hv, dpid=event.dpid, uplink_ofport=event.uplink_ofport)
         if new_hv != hv:
             self._hypervisors[hv.name] = new_hv
-        bound = {(p.vm_uuid.lower(), p.mac): p.ofport for p in event.ports}
+        changed = self._take_snapshot(event.hypervisor, {(p.vm_uuid.lower(), p.mac): p.ofport for p in event.ports})
         updates = {}
         for vm in self._raw.values():
-            new = _bind(vm, event.hypervisor, bound)
-            if new != vm:
-                updates[vm.uuid] = new
+            if vm.hypervisor == event.hypervisor or vm.uuid.lower() in changed:
+                new = _place(vm, self._plugged, self._plugged_at.get(vm.uuid.lower(), ()))
+                if new != vm:
+                    updates[vm.uuid] = new
         change = self._set_vms(updates)
         occupants = {p.ofport: p.mac for p in event.ports}
         before = self._occupants.get(event.hypervisor, {})
         self._occupants[event.hypervisor] = occupants
         handed_over = tuple((event.hypervisor, port) for port, mac in before.items() if occupants.get(port) != mac)
         return replace(change, everything=new_hv != hv, flush=handed_over)
+
+    def _take_snapshot(self, hypervisor: str, plugged: dict[tuple[str, str], int]) -> set[str]:
+        """Keep `hypervisor`'s latest snapshot; return the VMs (lowercase uuids) whose ports there changed."""
+        old = self._plugged.get(hypervisor, {})
+        self._plugged[hypervisor] = plugged
+        self._forget_snapshot(hypervisor, old)
+        for uuid, _ in plugged:
+            self._plugged_at.setdefault(uuid, set()).add(hypervisor)
+        return {uuid for (uuid, _mac), _ofport in old.items() ^ plugged.items()}
+
+    def _forget_snapshot(self, hypervisor: str, plugged: Mapping[tuple[str, str], int]) -> None:
+        for uuid, _ in plugged:
+            where = self._plugged_at.get(uuid)
+            if where is not None:
+                where.discard(hypervisor)
+                if not where:
+                    del self._plugged_at[uuid]
 
     def _report_context(self, event: ContextReported) -> _Change:
         vm = self._raw.get(event.uuid)
@@ -568,20 +591,25 @@ def _keep_binding(old: VM | None, new: VM) -> VM:
                    vnics=tuple(replace(n, ofport=bound.get(n.mac)) for n in new.vnics))
 
 
-def _bind(vm: VM, hypervisor: str, bound: Mapping[tuple[str, str], int]) -> VM:
-    """`vm` as the OVSDB of `hypervisor` shows it: vNICs plugged there carry their ofport and
-    pull the VM there; vNICs of a VM on `hypervisor` that are not plugged become unbound."""
-    nics, here = [], False
-    for nic in vm.vnics:
-        ofport = bound.get((vm.uuid.lower(), nic.mac))
-        if ofport is not None:
-            nics.append(replace(nic, ofport=ofport))
-            here = True
-        elif vm.hypervisor == hypervisor:
-            nics.append(replace(nic, ofport=None))
-        else:
-            nics.append(nic)
-    return replace(vm, vnics=tuple(nics), hypervisor=hypervisor if here else vm.hypervisor)
+def _place(vm: VM, plugged: Mapping[str, Mapping[tuple[str, str], int]], plugged_at: Iterable[str]) -> VM:
+    """Where `vm` is, from the last OVSDB snapshot of every hypervisor that has a port of it.
+    While several have (a live migration: the destination's port appears before the source's
+    goes, and the guest runs on the source until the switchover) it stays where it is, so
+    neither the order of snapshots nor unrelated changes on either side move it back and forth;
+    it moves when its port is gone from where it was. A hypervisor that has reported nothing
+    yet keeps the ofports the VM record gives."""
+    uuid = vm.uuid.lower()
+
+    def ports_on(hv: str) -> dict[str, int]:
+        if hv not in plugged:
+            return {n.mac: n.ofport for n in vm.vnics if n.ofport is not None} if hv == vm.hypervisor else {}
+        seen = plugged[hv]
+        return {n.mac: seen[(uuid, n.mac)] for n in vm.vnics if (uuid, n.mac) in seen}
+
+    claims = {hv: ports for hv in {vm.hypervisor, *plugged_at} if (ports := ports_on(hv))}
+    target = vm.hypervisor if vm.hypervisor in claims or not claims else min(claims)
+    ports = claims.get(target, {})
+    return replace(vm, hypervisor=target, vnics=tuple(replace(n, ofport=ports.get(n.mac)) for n in vm.vnics))
 
 
 def initial_commands(engine: Engine, installed: Mapping[str, Iterable[FlowSpec]]) -> list[Command]:

@@ -55,3 +55,32 @@ def test_a_removed_hypervisor_is_no_longer_managed() -> None:
     assert engine.hypervisors() == ("hv1",)
     assert [b.hypervisor for b in rt.bridges()] == ["hv1"]
     assert engine.desired("hv1") == compile_bridge(engine.world(), "hv1")
+
+
+def test_a_live_migration_keeps_the_vm_on_the_source_until_its_port_goes_there() -> None:
+    """Both hypervisors have the VM's port during a live migration. Whatever order their
+    snapshots come in, and whatever else changes on the source meanwhile, the VM stays on the
+    source (the guest still runs there) and moves when the source port is deleted. Before,
+    the latest snapshot won: a change on the source pulled it back, and the source port's
+    removal then left it with no port and no flows anywhere."""
+    engine = live_engine()
+    desk = engine.world().inventory.vm_by_name("fin-desk1")
+    mac = desk.vnics[0].mac
+    here = BoundPort(5, mac, desk.uuid)
+    newcomer = BoundPort(9, "02:00:00:00:09:09", "00000000-0000-4000-8000-000000000999")
+
+    def where() -> tuple[str, int | None]:
+        vm = engine.world().inventory.vms[desk.uuid]
+        return vm.hypervisor, vm.vnics[0].ofport
+
+    engine.handle(PortsObserved("hv2", 2, 100, (BoundPort(3, mac, desk.uuid),)))  # the destination's port
+    assert where() == ("hv1", 5)
+    engine.handle(PortsObserved("hv1", 1, 100, (here, newcomer)))  # something else starts on the source
+    engine.handle(PortsObserved("hv1", 1, 100, (here,)))
+    assert where() == ("hv1", 5)
+    engine.handle(PortsObserved("hv1", 1, 100, ()))  # switchover: the source port is deleted
+    assert where() == ("hv2", 3)
+    for hv in engine.hypervisors():
+        assert engine.desired(hv) == compile_bridge(engine.world(), hv)
+    assert not any(f.match.get("eth_src") is not None and f.match.get("eth_src").value == int(mac.replace(":", ""), 16)
+                   for f in engine.desired("hv1")), "the source bridge still holds the VM's port flows"
