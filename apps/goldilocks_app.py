@@ -2,8 +2,10 @@
 
 It turns switch messages into runtime events (posted to the service's single writer queue) and
 executes the runtime's switch commands: flow dumps under the Goldilocks cookie prefix, and every
-change as one atomic bundle followed by a barrier. It holds no policy state of its own; it never
-installs a table-miss flow and never flushes a table.
+change as one atomic bundle in two phases: the adds, a barrier, and only when the switch refused
+none of them the commit and another barrier (else a discard), because Open vSwitch drops a
+refused add from a bundle and would commit the rest. It holds no policy state of its own; it
+never installs a table-miss flow and never flushes a table.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from os_ken.controller.handler import (
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_4
 
 from apps.ofcodec import DecodeError, decode_flow_stats, flow_stats_request
-from apps.ofwire import BundleXids, encode_bundle, reserve_xids
+from apps.ofwire import BundleXids, encode_commit, encode_discard, encode_staged, reserve_xids
 from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_ident, cookie_kind
 from controller.flows.reconcile import FlowOp
 from controller.flows.types import FlowSpec
@@ -70,7 +72,17 @@ class _Bundle:
     id: int
     xids: BundleXids
     ops: dict[int, FlowOp]  # xid of each add message -> the op it carries
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # adds (or the open) the switch refused
+    committing: bool = False  # staged (adds sent, waiting for their barrier) until the commit goes
+
+
+@dataclass(frozen=True)
+class _Next:
+    """What a reply means for a bundle, decided under the lock and done after it: the bytes to
+    send (commit or discard) and the event to post."""
+
+    send: bytes = b""
+    post: SwitchEvent | None = None
 
 
 @dataclass
@@ -157,23 +169,26 @@ class GoldilocksApp(app_manager.OSKenApp):
         with self._lock:
             sw = self._switches.get(dp.id)
             bundle = sw.bundle if sw is not None else None
-            if bundle is None:
-                LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
-                return
-            op = bundle.ops.get(msg.xid)
-            if op is not None or msg.xid == bundle.xids.open():
-                # OVS leaves a refused add out and still commits the rest (apps/ofwire.py):
-                # reported as a failure, so the runtime trusts only a fresh dump.
-                error = error_name(dp.ofproto, msg.type, msg.code)
-                bundle.errors.append(describe_rejection(op, error) if op else f"switch refused to open the bundle: {error}")
-                return
-            if msg.xid not in (bundle.xids.commit(), bundle.xids.barrier()):
-                LOG.error("switch %016x error type=%d code=%d (xid %d)", dp.id, msg.type, msg.code, msg.xid)
-                return
-            sw.bundle = None
-            reason = "; ".join(bundle.errors) or f"bundle refused ({error_name(dp.ofproto, msg.type, msg.code)})"
-        LOG.error("switch %016x: bundle %d failed, table left as it was: %s", dp.id, bundle.id, reason)
-        self.sink.post(BundleFailed(dp.id, bundle.id, reason))
+            step = self._bundle_error(sw, bundle, msg) if sw is not None and bundle is not None else None
+        if step is None:
+            LOG.error("switch %016x error %s (xid %d)", dp.id, error_name(dp.ofproto, msg), msg.xid)
+            return
+        self._do(dp, step)
+
+    def _bundle_error(self, sw: _Switch, bundle: _Bundle, msg: Any) -> _Next | None:
+        """Under the lock. A refused add (or open) is only noted: the staged barrier's reply,
+        which comes after every add's error, decides. An error for a barrier or the commit ends
+        the bundle now (a failed commit applies nothing); None: not this bundle's."""
+        error = error_name(msg.datapath.ofproto, msg)
+        op = bundle.ops.get(msg.xid)
+        if op is not None or msg.xid == bundle.xids.open():
+            bundle.errors.append(describe_rejection(op, error) if op else f"switch refused to open the bundle: {error}")
+            return _Next()
+        if msg.xid not in (bundle.xids.staged(), bundle.xids.commit(), bundle.xids.barrier()):
+            return None
+        if not bundle.errors:  # a refused add already says why (OVS names it at commit too)
+            bundle.errors.append(f"bundle refused ({error})")
+        return self._end(sw, bundle)
 
     @set_ev_cls(ofp_event.EventOFPBarrierReply, MAIN_DISPATCHER)
     def _barrier(self, ev: Any) -> None:
@@ -181,13 +196,42 @@ class GoldilocksApp(app_manager.OSKenApp):
         with self._lock:
             sw = self._switches.get(dp.id)
             bundle = sw.bundle if sw is not None else None
-            if bundle is None or ev.msg.xid != bundle.xids.barrier():
+            if sw is None or bundle is None:
                 return
-            sw.bundle = None
+            if ev.msg.xid == bundle.xids.staged() and not bundle.committing:
+                step = self._staged(sw, bundle)
+            elif ev.msg.xid == bundle.xids.barrier() and bundle.committing:
+                step = self._end(sw, bundle)
+            else:
+                return
+        self._do(dp, step)
+
+    def _staged(self, sw: _Switch, bundle: _Bundle) -> _Next:
+        """Under the lock: every add has been answered. All of them in the bundle: commit it;
+        one refused: the bundle ends here, discarded."""
         if bundle.errors:
-            self.sink.post(BundleFailed(dp.id, bundle.id, "; ".join(bundle.errors)))
-        else:
-            self.sink.post(BundleCommitted(dp.id, bundle.id))
+            return self._end(sw, bundle)
+        bundle.committing = True
+        return _Next(send=encode_commit(sw.datapath.ofproto.OFP_VERSION, bundle.id, bundle.xids))
+
+    def _end(self, sw: _Switch, bundle: _Bundle) -> _Next:
+        """Under the lock: the bundle is over. Committed if nothing was refused; otherwise
+        failed, and if still staged (never committed) discarded, so the table stays as it was."""
+        sw.bundle = None
+        dpid = sw.datapath.id
+        if not bundle.errors:
+            return _Next(post=BundleCommitted(dpid, bundle.id))
+        reason = "; ".join(bundle.errors)
+        LOG.error("switch %016x: bundle %d failed, table left as it was: %s", dpid, bundle.id, reason)
+        discard = b"" if bundle.committing else encode_discard(sw.datapath.ofproto.OFP_VERSION, bundle.id, bundle.xids)
+        return _Next(send=discard, post=BundleFailed(dpid, bundle.id, reason))
+
+    def _do(self, dp: Any, step: _Next) -> None:
+        """Outside the lock: a send may wait for the connection's queue."""
+        if step.send:
+            dp.send(step.send)
+        if step.post is not None:
+            self.sink.post(step.post)
 
     # ---- runtime -> switch -------------------------------------------------------------------
 
@@ -222,17 +266,18 @@ class GoldilocksApp(app_manager.OSKenApp):
         dp.send_msg(flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK))
 
     def _send_bundle(self, sw: _Switch, command: SendBundle) -> None:
-        """Open, one add per flow op, commit, barrier (apps/ofwire.py writes the bytes). The xids
-        are reserved as one block and the bundle registered before the first byte goes out, so
-        an error for any add names its flow; the bytes go out in chunks so the switch parses the
-        first adds while the rest is encoded. No lock is held while sending."""
+        """Phase one: open, one add per flow op, barrier (apps/ofwire.py writes the bytes); the
+        barrier's reply sends the commit or the discard (_barrier). The xids are reserved as one
+        block and the bundle registered before the first byte goes out, so an error for any add
+        names its flow; the bytes go out in chunks so the switch parses the first adds while the
+        rest is encoded. No lock is held while sending."""
         dp = sw.datapath
         xids = reserve_xids(dp, len(command.ops))
         bundle = _Bundle(command.bundle, xids, xids.ops(command.ops))
         with self._lock:
             sw.bundle = bundle
         try:
-            for chunk in encode_bundle(dp.ofproto.OFP_VERSION, command.bundle, xids, command.ops):
+            for chunk in encode_staged(dp.ofproto.OFP_VERSION, command.bundle, xids, command.ops):
                 dp.send(chunk)
         except Exception:
             # A flow that cannot be encoded: what went out is an open bundle never committed.
@@ -246,7 +291,7 @@ class GoldilocksApp(app_manager.OSKenApp):
         dp = sw.datapath
         for zone in zones:
             dp.send_msg(dp.ofproto_parser.OFPExperimenter(
-                dp, NX_VENDOR_ID, NXT_CT_FLUSH_ZONE, struct.pack("!H6x", zone)))
+                dp, NX_VENDOR_ID, NXT_CT_FLUSH_ZONE, struct.pack("!6xH", zone)))  # nx_zone_id: zero[6], zone
 
 
 _SOUTHBOUND: list[GoldilocksApp] = []
@@ -275,8 +320,18 @@ _ERROR_CODE_PREFIX = {
 }
 
 
-def error_name(ofp: Any, err_type: int, err_code: int) -> str:
-    """"OFPET_FLOW_MOD_FAILED/OFPFMFC_TABLE_FULL" rather than "type=5 code=1"."""
+# Open vSwitch's own errors (lib/ofp-errors.h, NX1.2+ numbers) that a change of ours can meet.
+_NX_ERRORS = {4: "NXBRC_MUST_BE_ZERO", 42: "NXBAC_CT_DATAPATH_SUPPORT", 43: "NXBMC_CT_DATAPATH_SUPPORT"}
+
+
+def error_name(ofp: Any, msg: Any) -> str:
+    """"OFPET_FLOW_MOD_FAILED/OFPFMFC_TABLE_FULL" rather than "type=5 code=1"; an experimenter's
+    error (Open vSwitch's own, e.g. a datapath lacking a conntrack feature) by vendor and type."""
+    err_type, err_code = msg.type, msg.code
+    if err_type == ofp.OFPET_EXPERIMENTER:
+        if msg.experimenter == NX_VENDOR_ID and msg.exp_type in _NX_ERRORS:
+            return f"OFPET_EXPERIMENTER/{_NX_ERRORS[msg.exp_type]}"
+        return f"OFPET_EXPERIMENTER/{msg.experimenter:#x} exp_type={msg.exp_type}"
     tname = next((n for n in dir(ofp) if n.startswith("OFPET_") and getattr(ofp, n) == err_type), None)
     prefix = _ERROR_CODE_PREFIX.get(tname or "")
     cname = next((n for n in dir(ofp) if prefix and n.startswith(prefix) and getattr(ofp, n) == err_code), None)

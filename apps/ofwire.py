@@ -9,8 +9,9 @@ bundle id and flags are packed in front of it.
 
 Messages: OFPT_BUNDLE_CONTROL / OFPT_BUNDLE_ADD_MESSAGE (OpenFlow 1.4), or the ONF bundle
 extension's experimenter messages (OpenFlow 1.3), wrapping OFPT_FLOW_MOD (add, modify_strict,
-delete_strict); then OFPT_BARRIER_REQUEST. The flow-mod body is the same in 1.3 and 1.4 (1.4's
-`importance` is 1.3's pad, both 0), so one cache serves both; only header version bytes differ.
+delete_strict); OFPT_BARRIER_REQUEST after the adds and after the commit. The flow-mod body is
+the same in 1.3 and 1.4 (1.4's `importance` is 1.3's pad, both 0), so one cache serves both;
+only header version bytes differ.
 
 What an action means is ofcodec's business (and render.py's); the two must stay in step, which
 the byte-equality test enforces. Decoding flow dumps stays in apps/ofcodec.py.
@@ -247,8 +248,11 @@ def _flow_mod_body(kind: OpKind, flow: FlowSpec) -> bytes:
 # ---- bundles ----------------------------------------------------------------------------------
 #
 # Beware (checked on OVS 3.1, tests/ovs/test_ofwire_ovs.py): OVS checks each flow mod as it is
-# added to a bundle, and one it refuses there is left out of the bundle; a commit then applies
-# the others. Only failures at commit time (e.g. a full table) roll the whole bundle back.
+# added to a bundle, and one it refuses there is left out of the bundle; a commit would then
+# apply the others. Only failures at commit time (e.g. a full table) roll the whole bundle back.
+# So a bundle goes in two phases: "staged" (open, the adds, a barrier) and, once the barrier's
+# reply shows that no add was refused (a switch answers in order, so every add's error comes
+# before it), "commit" (commit, barrier); after a refusal, a discard instead of the commit.
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ class _Version:
     flags: int  # atomic | ordered
     open: int
     commit: int
+    discard: int
     ctrl_type: int
     add_type: int
     ctrl_head: bytes = b""  # between ofp_header and the bundle-control body
@@ -272,10 +277,11 @@ def _onf(exp_type: int) -> bytes:
 
 _VERSIONS = {
     OF14: _Version(OF14, _of14.OFPBF_ATOMIC | _of14.OFPBF_ORDERED, _of14.OFPBCT_OPEN_REQUEST,
-                   _of14.OFPBCT_COMMIT_REQUEST, _of14.OFPT_BUNDLE_CONTROL,
-                   _of14.OFPT_BUNDLE_ADD_MESSAGE),
+                   _of14.OFPBCT_COMMIT_REQUEST, _of14.OFPBCT_DISCARD_REQUEST,
+                   _of14.OFPT_BUNDLE_CONTROL, _of14.OFPT_BUNDLE_ADD_MESSAGE),
     OF13: _Version(OF13, _of13.ONF_BF_ATOMIC | _of13.ONF_BF_ORDERED, _of13.ONF_BCT_OPEN_REQUEST,
-                   _of13.ONF_BCT_COMMIT_REQUEST, _of13.OFPT_EXPERIMENTER, _of13.OFPT_EXPERIMENTER,
+                   _of13.ONF_BCT_COMMIT_REQUEST, _of13.ONF_BCT_DISCARD_REQUEST,
+                   _of13.OFPT_EXPERIMENTER, _of13.OFPT_EXPERIMENTER,
                    _onf(_of13.ONF_ET_BUNDLE_CONTROL), _onf(_of13.ONF_ET_BUNDLE_ADD_MESSAGE)),
 }
 _BUNDLE_CTRL = struct.Struct("!IHH")  # bundle_id, type, flags
@@ -305,6 +311,9 @@ class BundleEncoder:
     def commit(self, xid: int) -> bytes:
         return self._control(xid, self._v.commit)
 
+    def discard(self, xid: int) -> bytes:
+        return self._control(xid, self._v.discard)
+
     def _control(self, xid: int, what: int) -> bytes:
         return self._ctrl.pack(*self._ctrl_fixed, xid, self._v.ctrl_head, self._id, what, self._v.flags)
 
@@ -322,8 +331,9 @@ class BundleEncoder:
 @dataclass(frozen=True)
 class BundleXids:
     """The xids of one bundle's messages, one consecutive block, so every reply (an error names
-    the xid of the add it refuses) can be matched before anything is sent:
-    open, one per op, commit, barrier."""
+    the xid of the add it refuses) can be matched before anything is sent: open, one per op,
+    the staged barrier, commit, the final barrier. A discard is sent instead of the commit,
+    never with it, so it takes the commit's xid."""
 
     first: int
     n_ops: int
@@ -334,18 +344,24 @@ class BundleXids:
     def op(self, i: int) -> int:
         return (self.first + 1 + i) & MAX_XID
 
-    def commit(self) -> int:
+    def staged(self) -> int:
         return (self.first + 1 + self.n_ops) & MAX_XID
 
-    def barrier(self) -> int:
+    def commit(self) -> int:
         return (self.first + 2 + self.n_ops) & MAX_XID
+
+    def discard(self) -> int:
+        return self.commit()
+
+    def barrier(self) -> int:
+        return (self.first + 3 + self.n_ops) & MAX_XID
 
     def ops(self, ops: Sequence[FlowOp]) -> dict[int, FlowOp]:
         return {self.op(i): op for i, op in enumerate(ops)}
 
     @staticmethod
     def count(n_ops: int) -> int:
-        return n_ops + 3
+        return n_ops + 4
 
 
 def reserve_xids(datapath: Any, n_ops: int) -> BundleXids:
@@ -356,10 +372,10 @@ def reserve_xids(datapath: Any, n_ops: int) -> BundleXids:
     return BundleXids(first, n_ops)
 
 
-def encode_bundle(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[FlowOp],
+def encode_staged(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[FlowOp],
                   chunk_ops: int = CHUNK_OPS) -> Iterator[bytes]:
-    """Open, one add per op, commit, barrier: as buffers of up to `chunk_ops` adds each, so the
-    caller can write the first while the rest is still being encoded."""
+    """Phase one: open, one add per op, the staged barrier; as buffers of up to `chunk_ops`
+    adds each, so the caller can write the first while the rest is still being encoded."""
     enc = BundleEncoder(version, bundle_id)
     chunk = [enc.open(xids.open())]
     add, first = enc.add, xids.first + 1
@@ -368,6 +384,16 @@ def encode_bundle(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[
         if len(chunk) >= chunk_ops:
             yield b"".join(chunk)
             chunk = []
-    chunk.append(enc.commit(xids.commit()))
-    chunk.append(enc.barrier(xids.barrier()))
+    chunk.append(enc.barrier(xids.staged()))
     yield b"".join(chunk)
+
+
+def encode_commit(version: int, bundle_id: int, xids: BundleXids) -> bytes:
+    """Phase two when the switch refused nothing: commit, then the final barrier."""
+    enc = BundleEncoder(version, bundle_id)
+    return enc.commit(xids.commit()) + enc.barrier(xids.barrier())
+
+
+def encode_discard(version: int, bundle_id: int, xids: BundleXids) -> bytes:
+    """Phase two when the switch refused an add: the bundle is dropped, nothing applied."""
+    return BundleEncoder(version, bundle_id).discard(xids.discard())

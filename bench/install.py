@@ -169,7 +169,7 @@ def measure_encode(base: frozenset[FlowSpec], reps: int = 3) -> dict[str, float]
     from os_ken.ofproto import ofproto_v1_4, ofproto_v1_4_parser
 
     from apps.ofcodec import flow_mod
-    from apps.ofwire import OF14, BundleXids, encode_bundle
+    from apps.ofwire import OF14, BundleXids, encode_staged
     from controller.flows.reconcile import diff, plan
 
     ops = plan(diff(make_flows(ENCODE_SIZE, base), frozenset()))
@@ -177,7 +177,7 @@ def measure_encode(base: frozenset[FlowSpec], reps: int = 3) -> dict[str, float]
 
     def encode_all() -> float:
         start = time.perf_counter()
-        for _ in encode_bundle(OF14, 1, xids, ops):
+        for _ in encode_staged(OF14, 1, xids, ops):
             pass
         return (time.perf_counter() - start) / len(ops) * 1e6
 
@@ -225,14 +225,14 @@ def measure_phases(base: frozenset[FlowSpec], n: int = ENCODE_SIZE, reps: int = 
     in-process and without a switch, as runtime.py does it: diff and plan (on FlowsDumped),
     encode (apps/ofwire, cold), apply_plan (on BundleCommitted). Median of `reps`; µs per flow,
     and how much of each phase was garbage collection."""
-    from apps.ofwire import OF14, BundleXids, encode_bundle
+    from apps.ofwire import OF14, BundleXids, encode_staged
     from controller.flows.reconcile import apply_plan, diff, plan
     from controller.service import GC_THRESHOLDS
 
     desired = make_flows(n, base)
 
     def encode(ops: tuple[Any, ...]) -> tuple[Any, ...]:
-        for _ in encode_bundle(OF14, 1, BundleXids(1, len(ops)), ops):
+        for _ in encode_staged(OF14, 1, BundleXids(1, len(ops)), ops):
             pass
         return ops  # the next step reads the plan again
 
@@ -544,12 +544,13 @@ def render(floor: dict[int, dict[str, Any]], gold: dict[str, Any], lat: dict[str
         lines.append(f"| {n:,} | " + " | ".join(cells) + " |")
     lines += ["", ("Floor: wall time of `ovs-ofctl -O OpenFlow14 --bundle add-flows BR FILE` (process start, parse, one "
               "atomic bundle). Goldilocks: from the app posting SwitchConnected to the runtime back IN_SYNC after the "
-              "bundle's barrier reply (flow dump, diff, one atomic bundle of N adds, commit, barrier). The flows are "
+              "bundle's barrier reply (flow dump, diff, one atomic bundle of N adds, barrier, then commit, barrier). "
+              "The flows are "
               "hv000 of bench/compile's 1k VMs / 100 rules / 10 HVs world (3.7k flows; a seeded sample of it for 1k), "
               "topped up with distinct table-12 conjunctive clauses under Goldilocks rule cookies; installed = "
               "Goldilocks-cookie flows on the bridge afterwards (`ovs-ofctl dump-flows`). Every install encodes cold "
               "(apps/ofwire's caches cleared first). Southbound: the app's part and the switch's — encode, send, OVS "
-              "parsing the adds, commit, barrier reply — "
+              "parsing the adds, barrier reply, commit, barrier reply — "
               "without the runtime's diff and plan before it or its bookkeeping after it."), ""]
     lines += ["### Encoding alone (no switch)", "",
               f"µs per flow to turn {encode['flows']:,} bundle adds (the 100k set) into bytes, best of 3, in-process:", "",

@@ -1,12 +1,14 @@
-"""apps/ofwire against real Open vSwitch: a bundle written byte by byte by our encoder — open,
-adds, commit, barrier, in OpenFlow 1.4 and in 1.3 with the ONF extension — installs exactly the
-desired flows (dumped back and decoded), strict modify and delete change exactly what the plan
-says, and a flow the switch refuses is reported under the xid the app maps to that flow, with
-the table left untouched."""
+"""apps/ofwire against real Open vSwitch: a bundle written byte by byte by our encoder — staged
+(open, adds, barrier), then committed (commit, barrier), in OpenFlow 1.4 and in 1.3 with the ONF
+extension — installs exactly the desired flows (dumped back and decoded), strict modify and
+delete change exactly what the plan says, and a flow the switch refuses is reported under the
+xid the app maps to that flow before the staged barrier's reply; discarding the bundle then
+leaves the flow table exactly as it was, which committing it would not."""
 
 from __future__ import annotations
 
 import itertools
+import subprocess
 from dataclasses import replace
 from types import ModuleType
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser, ofproto_v1_4, ofproto_v1_4_parser
 
 from apps.ofcodec import decode_flow_stats
-from apps.ofwire import BundleXids, encode_bundle
+from apps.ofwire import BundleXids, encode_commit, encode_discard, encode_staged
 from controller.flows.reconcile import FlowOp, OpKind, apply_plan, diff, plan
 from controller.flows.types import FlowSpec, GotoTable, Output
 from tests.ovs.harness import OvsSandbox
@@ -26,16 +28,39 @@ VERSIONS = [pytest.param((ofproto_v1_4, ofproto_v1_4_parser, "OpenFlow14"), id="
 BUNDLE_XIDS = itertools.count(1 << 30, 1 << 20)  # far from the peer's own xids (counted from 1)
 
 
-def send_bundle(peer: OpenFlowPeer, ops: list[FlowOp], bundle_id: int = 1) -> tuple[BundleXids, list[Any]]:
-    """Our bytes straight onto the switch's socket; the errors before the final barrier reply."""
+def stage(peer: OpenFlowPeer, ops: list[FlowOp], bundle_id: int) -> tuple[BundleXids, list[Any]]:
+    """Phase one, our bytes straight onto the switch's socket: open, adds, barrier; the errors
+    before that barrier's reply, which are every error for an add."""
     xids = BundleXids(next(BUNDLE_XIDS), len(ops))
-    for chunk in encode_bundle(peer.ofproto.OFP_VERSION, bundle_id, xids, ops, chunk_ops=100):
+    for chunk in encode_staged(peer.ofproto.OFP_VERSION, bundle_id, xids, ops, chunk_ops=100):
         peer.sock.sendall(chunk)
+    return xids, errors_until(peer, xids.staged())
+
+
+def commit(peer: OpenFlowPeer, xids: BundleXids, bundle_id: int) -> list[Any]:
+    """Phase two: commit, barrier; the errors before the barrier's reply."""
+    peer.sock.sendall(encode_commit(peer.ofproto.OFP_VERSION, bundle_id, xids))
+    return errors_until(peer, xids.barrier())
+
+
+def errors_until(peer: OpenFlowPeer, barrier_xid: int) -> list[Any]:
     parser, errors = peer.ofproto_parser, []
-    while not isinstance(msg := peer.recv(errors_fail=False), parser.OFPBarrierReply) or msg.xid != xids.barrier():
+    while not isinstance(msg := peer.recv(errors_fail=False), parser.OFPBarrierReply) or msg.xid != barrier_xid:
         if isinstance(msg, parser.OFPErrorMsg):
             errors.append(msg)
-    return xids, errors
+    return errors
+
+
+def send_bundle(peer: OpenFlowPeer, ops: list[FlowOp], bundle_id: int = 1) -> tuple[BundleXids, list[Any]]:
+    """Both phases, committed whatever the first one's errors (those are the caller's to judge)."""
+    xids, errors = stage(peer, ops, bundle_id)
+    return xids, errors + commit(peer, xids, bundle_id)
+
+
+def table(ovs: OvsSandbox, bridge: str, protocol: str) -> str:
+    """The bridge's whole flow table as ovs-ofctl prints it, every cookie, without counters."""
+    return subprocess.run(["ovs-ofctl", "-O", protocol, "--no-stats", "dump-flows", f"unix:{ovs.dir}/{bridge}.mgmt"],
+                          env=ovs.env, capture_output=True, text=True, check=True).stdout
 
 
 def dumped(peer: OpenFlowPeer) -> frozenset[FlowSpec]:
@@ -84,25 +109,65 @@ def test_strict_modify_and_delete_do_what_the_plan_says(
         peer.sock.close()
 
 
+def with_refused_add(ops: list[FlowOp], like: FlowSpec) -> tuple[list[FlowOp], FlowOp]:
+    """`ops` with, in the middle, an add OVS refuses as it is added: goto_table goes forward only."""
+    bad = FlowOp(OpKind.ADD, FlowSpec(30, 7, like.match, (GotoTable(10),), like.cookie))
+    return ops[: len(ops) // 2] + [bad] + ops[len(ops) // 2 :], bad
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_refused_flow_is_reported_under_its_xid_and_ovs_commits_the_rest(
     ovs: OvsSandbox, bridge_factory, version: tuple[ModuleType, ModuleType, str]
 ) -> None:
-    """What the app's error mapping relies on, and what an atomic bundle does not give: OVS
-    refuses a bad add when it is added (its error carries that add's xid), leaves it out of the
-    bundle and commits the others. Only a failure at commit (e.g. a full table) changes nothing;
-    the app reports both as BundleFailed and the runtime then trusts only a fresh dump."""
+    """Why a bundle is staged first: OVS refuses a bad add when it is added (its error carries
+    that add's xid, before the staged barrier's reply), leaves it out of the bundle, and a commit
+    then applies the others. Only a failure at commit (e.g. a full table) changes nothing."""
     ofp, parser, protocol = version
     _, flows = desired("three-tier.yaml", "hv1")
     peer = connect(ovs, bridge_factory(protocols=protocol), ofp, parser)
     try:
         first = min(flows)
         send_bundle(peer, adds(frozenset([first])))
-        backwards = FlowSpec(30, 7, first.match, (GotoTable(10),), first.cookie)  # goto goes forward only
-        ops = adds(flows - {first})
-        ops.insert(len(ops) // 2, FlowOp(OpKind.ADD, backwards))
-        xids, errors = send_bundle(peer, ops, bundle_id=2)
-        assert [xids.ops(ops).get(e.xid) for e in errors] == [FlowOp(OpKind.ADD, backwards)]
+        ops, bad = with_refused_add(adds(flows - {first}), first)
+        xids, errors = stage(peer, ops, bundle_id=2)
+        assert [xids.ops(ops).get(e.xid) for e in errors] == [bad]
+        assert commit(peer, xids, bundle_id=2) == []
         assert dumped(peer) == flows
+    finally:
+        peer.sock.close()
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_staged_bundle_with_a_refused_add_is_discarded_and_the_table_stays_byte_identical(
+    ovs: OvsSandbox, bridge_factory, version: tuple[ModuleType, ModuleType, str]
+) -> None:
+    """What the app does instead: a refusal seen by the staged barrier's reply gets a discard,
+    and adds, strict modifies and deletes alike are gone; the same change without the refused
+    add commits."""
+    ofp, parser, protocol = version
+    _, flows = desired("three-tier.yaml", "hv1")
+    ordered = sorted(flows)
+    before = frozenset(ordered[:60])
+    # ordered[:10] modified (same key and cookie), ordered[10:20] deleted, ordered[60:] added
+    after = frozenset(ordered[20:]) | {replace(f, actions=(Output(42),)) for f in ordered[:10]}
+    change = list(plan(diff(after, before)))
+    assert {op.kind for op in change} == set(OpKind)
+    bridge = bridge_factory(protocols=protocol)
+    peer = connect(ovs, bridge, ofp, parser)
+    try:
+        assert send_bundle(peer, adds(before))[1] == []
+        table0 = table(ovs, bridge, protocol)
+        ops, bad = with_refused_add(change, ordered[0])
+        xids, errors = stage(peer, ops, bundle_id=2)
+        assert [xids.ops(ops).get(e.xid) for e in errors] == [bad]
+        peer.sock.sendall(encode_discard(ofp.OFP_VERSION, 2, xids))
+        peer.barrier()  # fails the test on an error for the discard
+        assert table(ovs, bridge, protocol) == table0
+        assert dumped(peer) == before
+
+        xids, errors = stage(peer, change, bundle_id=3)
+        assert errors == []
+        assert commit(peer, xids, bundle_id=3) == []
+        assert dumped(peer) == after
     finally:
         peer.sock.close()

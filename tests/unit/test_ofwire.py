@@ -1,6 +1,6 @@
 """apps/ofwire: our bundle bytes are os-ken's bytes, message for message — every compiled flow of
-both examples, every op kind, OpenFlow 1.4 and 1.3 (ONF bundles) — and a whole bundle is a
-stream os-ken parses back into the messages, with the xids the app maps replies by."""
+both examples, every op kind, OpenFlow 1.4 and 1.3 (ONF bundles) — and a whole bundle, staged
+then committed or discarded, is a stream of those messages with the xids the app maps replies by."""
 
 from __future__ import annotations
 
@@ -23,7 +23,15 @@ from os_ken.ofproto import (
 
 from apps import ofwire
 from apps.ofcodec import decode_flow_stats, flow_mod
-from apps.ofwire import MAX_XID, BundleEncoder, BundleXids, encode_bundle, reserve_xids
+from apps.ofwire import (
+    MAX_XID,
+    BundleEncoder,
+    BundleXids,
+    encode_commit,
+    encode_discard,
+    encode_staged,
+    reserve_xids,
+)
 from controller.flows.pipeline import COOKIE_PREFIX
 from controller.flows.reconcile import FlowOp, OpKind
 from controller.flows.types import (
@@ -100,6 +108,7 @@ def test_bundle_control_and_barrier_are_os_kens_bytes(version: tuple[ModuleType,
     enc = BundleEncoder(ofp.OFP_VERSION, BUNDLE_ID)
     assert enc.open(XID) == osken_ctrl(version, "OPEN", XID)
     assert enc.commit(XID) == osken_ctrl(version, "COMMIT", XID)
+    assert enc.discard(XID) == osken_ctrl(version, "DISCARD", XID)
     assert enc.barrier(XID) == osken_bytes(parser.OFPBarrierRequest(Datapath(ofp, parser)), XID)
 
 
@@ -150,32 +159,59 @@ def split_stream(data: bytes) -> list[Message]:
     return out
 
 
+def control_kinds(ofp: ModuleType, msgs: list[Message]) -> list[int]:
+    """The bundle-control type of each message, after checking its bundle id and flags."""
+    controls = [struct.unpack("!IHH", m.body) for m in msgs]
+    assert [(bundle_id, flags) for bundle_id, _, flags in controls] == [(BUNDLE_ID, FLAGS)] * len(msgs)
+    wire = ofp.OFPT_BUNDLE_CONTROL if ofp is ofproto_v1_4 else ofp.OFPT_EXPERIMENTER
+    assert {m.type for m in msgs} == {wire}
+    return [kind for _, kind, _ in controls]
+
+
+def request(ofp: ModuleType, what: str) -> int:
+    return getattr(ofp, f"OFPBCT_{what}_REQUEST" if ofp is ofproto_v1_4 else f"ONF_BCT_{what}_REQUEST")
+
+
 @pytest.mark.parametrize("version", VERSIONS)
-def test_a_bundle_is_open_adds_commit_barrier_with_consecutive_xids(version: tuple[ModuleType, ModuleType]) -> None:
+def test_a_bundle_is_staged_then_committed_with_one_block_of_consecutive_xids(
+    version: tuple[ModuleType, ModuleType],
+) -> None:
+    """Staged: open, the adds, a barrier (in chunks); then commit and the final barrier. Every
+    xid of the block in order, so the app knows what each reply answers."""
     ofp = version[0]
     ops = ops_of(example_flows()[:40])
     xids = BundleXids(MAX_XID - 5, len(ops))  # the block wraps past 2**32 - 1 to 0
-    chunks = list(encode_bundle(ofp.OFP_VERSION, BUNDLE_ID, xids, ops, chunk_ops=16))
-    assert len(chunks) == -(-(len(ops) + 1) // 16)  # open + 16-op chunks, commit+barrier in the last
-    msgs = split_stream(b"".join(chunks))
+    chunks = list(encode_staged(ofp.OFP_VERSION, BUNDLE_ID, xids, ops, chunk_ops=16))
+    assert len(chunks) == -(-(len(ops) + 1) // 16)  # open + 16-op chunks, the barrier in the last
+    staged = split_stream(b"".join(chunks))
+    msgs = staged + split_stream(encode_commit(ofp.OFP_VERSION, BUNDLE_ID, xids))
     assert [m.xid for m in msgs] == [(MAX_XID - 5 + i) & MAX_XID for i in range(BundleXids.count(len(ops)))]
     assert xids.ops(ops) == {m.xid: op for m, op in zip(msgs[1:], ops)}
-    assert [m.xid for m in msgs[-2:]] == [xids.commit(), xids.barrier()]
+    assert [m.xid for m in msgs[-3:]] == [xids.staged(), xids.commit(), xids.barrier()]
     enc = BundleEncoder(ofp.OFP_VERSION, BUNDLE_ID)
-    for m, op in zip(msgs[1:-2], ops):
+    for m, op in zip(msgs[1:-3], ops):
         bundle_id, flags = struct.unpack_from("!I2xH", m.body)
         inner_xid = struct.unpack_from("!I", m.body, 12)[0]
         assert (bundle_id, flags, inner_xid) == (BUNDLE_ID, FLAGS, m.xid)
         assert enc.add(m.xid, op).endswith(m.body)
-    assert (msgs[-1].type, msgs[-1].body) == (ofp.OFPT_BARRIER_REQUEST, b"")
-    controls = [struct.unpack("!IHH", m.body) for m in (msgs[0], msgs[-2])]
+    for barrier in (msgs[-3], msgs[-1]):
+        assert (barrier.type, barrier.body) == (ofp.OFPT_BARRIER_REQUEST, b"")
     if ofp is ofproto_v1_4:
-        assert [m.type for m in msgs[1:-2]] == [ofp.OFPT_BUNDLE_ADD_MESSAGE] * len(ops)
-        kinds = (ofp.OFPBCT_OPEN_REQUEST, ofp.OFPBCT_COMMIT_REQUEST)
+        assert [m.type for m in msgs[1:-3]] == [ofp.OFPT_BUNDLE_ADD_MESSAGE] * len(ops)
     else:
-        assert [m.exp_type for m in msgs[1:-2]] == [ofp.ONF_ET_BUNDLE_ADD_MESSAGE] * len(ops)
-        kinds = (ofp.ONF_BCT_OPEN_REQUEST, ofp.ONF_BCT_COMMIT_REQUEST)
-    assert controls == [(BUNDLE_ID, kind, FLAGS) for kind in kinds]
+        assert [m.exp_type for m in msgs[1:-3]] == [ofp.ONF_ET_BUNDLE_ADD_MESSAGE] * len(ops)
+    assert control_kinds(ofp, [msgs[0], msgs[-2]]) == [request(ofp, "OPEN"), request(ofp, "COMMIT")]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_refused_bundle_is_discarded_under_the_commits_xid(version: tuple[ModuleType, ModuleType]) -> None:
+    """Instead of commit and barrier, one discard: it takes the commit's xid (the commit is then
+    never sent) and nothing after it, so the block stays one block either way."""
+    ofp = version[0]
+    xids = BundleXids(77, 3)
+    (discard,) = split_stream(encode_discard(ofp.OFP_VERSION, BUNDLE_ID, xids))
+    assert discard.xid == xids.discard() == xids.commit() == 77 + 1 + 3 + 1
+    assert control_kinds(ofp, [discard]) == [request(ofp, "DISCARD")]
 
 
 def test_xids_are_reserved_from_os_kens_own_counter() -> None:
@@ -189,7 +225,7 @@ def test_xids_are_reserved_from_os_kens_own_counter() -> None:
         barrier = ofproto_v1_4_parser.OFPBarrierRequest(dp)
         dp.set_xid(barrier)
     assert (xids.first, xids.n_ops) == (MAX_XID, 2)
-    assert barrier.xid == 4  # MAX_XID and 0..3 are the bundle's: open, 2 adds, commit, barrier
+    assert barrier.xid == 5  # MAX_XID and 0..4 are the bundle's: open, 2 adds, barrier, commit, barrier
 
 
 def test_the_body_cache_is_bounded() -> None:
