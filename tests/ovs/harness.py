@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -378,6 +378,23 @@ class OvsSandbox:
                 os.kill(pid, signal.SIGKILL)
             _wait_gone(pid, 3.0)
 
+    def restart_vswitchd(self, crash: bool = False) -> float:
+        """Stop ovs-vswitchd (``ovs-appctl exit`` as ``ovs-ctl restart`` does, or SIGKILL when
+        ``crash``) and start it again on the same database. Bridges and ports come back from
+        OVSDB (same ofports), flows and conntrack do not: the netdev datapath lives in the
+        process. Returns ``time.monotonic()`` just before the new daemon was started."""
+        if crash:
+            pid = _read_pid(self.dir / "ovs-vswitchd.pid")
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                _wait_gone(pid, 3.0)
+        else:
+            self._stop_daemon("ovs-vswitchd", self.vswitchd_ctl)
+        started = time.monotonic()
+        self._start_vswitchd()
+        return started
+
     def log(self, daemon: str = "ovs-vswitchd") -> str:
         """The daemon's log so far (for failure messages)."""
         path = self.dir / f"{daemon}.log"
@@ -532,6 +549,33 @@ class OvsSandbox:
         # Deleting the veth now (both ends) is synchronous; a netns delete frees it lazily.
         _run(["ip", "-n", self.netns, "link", "del", vm.port_name], check=False)
         self._del_netns(vm.netns)
+
+    def migrate_vm_port(self, name: str, bridge: str, port_name: str, ofport: int,
+                        between: Callable[[], object] | None = None) -> VmPort:
+        """Live-migrate VM ``name`` to ``bridge`` the way libvirt does, the guest (namespace,
+        processes, addresses) running throughout: first the destination port, a new veth with the
+        same MAC and external_ids, is plugged into ``bridge`` while the source port still carries
+        the guest's traffic; ``between()`` runs then; at switchover the guest's eth0 becomes the
+        new veth and the source port is deleted from its bridge."""
+        _check_ifname(port_name)
+        old = self.vms[name]
+        staged = "migrating0"
+        self.ip("link", "add", port_name, "type", "veth", "peer", "name", staged, "netns", old.netns)
+        self.ip("link", "set", staged, "address", old.mac, netns=old.netns)
+        self.ip("link", "set", port_name, "up")
+        self._attach(bridge, port_name, ofport, old.external_ids)
+        if between is not None:
+            between()
+        self.ip("link", "del", VM_IFACE, netns=old.netns)  # the source tap goes with the old qemu
+        self.ip("link", "set", staged, "name", VM_IFACE, netns=old.netns)
+        self.ip("addr", "add", old.ip, "dev", VM_IFACE, netns=old.netns)
+        self.ip("link", "set", VM_IFACE, "up", netns=old.netns)
+        _run(old.command(["ethtool", "-K", VM_IFACE, "tx", "off"]))
+        self.vsctl("--if-exists", "del-port", old.bridge, old.port_name)
+        new = VmPort(name=old.name, netns=old.netns, bridge=bridge, port_name=port_name, ofport=ofport,
+                     mac=old.mac, ip=old.ip, external_ids=dict(old.external_ids))
+        self.vms[name] = new
+        return new
 
     def add_patch_or_veth_link(
         self,

@@ -187,40 +187,6 @@ def test_foreign_flows_survive_and_unknown_switch_changes_nothing(lab: Lab) -> N
     assert any("cookie=0x1234" in line for line in lab.installed("hv1")), "a foreign flow was deleted"
 
 
-def test_kill9_keeps_enforcing_and_restart_deletes_nothing(lab: Lab) -> None:
-    lab.start()
-    lab.converged()
-    allowed_src, denied_src = lab.ovs.vms["fin-desk2"], lab.ovs.vms["eng-desk1"]
-    ledger_ip = vm_ip(lab, "ledger-db")
-    # Allowed pings run across the outage; the denied probe tries tcp/5432 throughout.
-    pinger = allowed_src.popen(["ping", "-n", "-i", "0.1", "-c", "60", "-W", "1", ledger_ip],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    with tcp_server(lab.ovs.vms["ledger-db"], 5432):
-        time.sleep(1.0)
-        lab.kill9()
-        denied = [tcp_connect(denied_src, ledger_ip, 5432, timeout=0.5) for _ in range(4)]
-        monitor = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{lab.ovs.dir}/{lab.bridges['hv1']}.mgmt",
-                                    "watch:"], env=lab.ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        monitor2 = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{lab.ovs.dir}/{lab.bridges['hv2']}.mgmt",
-                                     "watch:"], env=lab.ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        time.sleep(0.5)
-        lab.start()
-        wait_for("the restarted controller to find both bridges in sync",
-                 lambda: lab.log().count("in sync") >= 2, timeout=20)
-        denied += [tcp_connect(denied_src, ledger_ip, 5432, timeout=0.5) for _ in range(2)]
-        time.sleep(0.5)
-        for m in (monitor, monitor2):
-            m.terminate()
-        changes = [line for m in (monitor, monitor2) for line in m.communicate(timeout=10)[0].decode().splitlines()
-                   if "event=" in line and "event=INITIAL" not in line]
-    out, _ = pinger.communicate(timeout=30)
-    text = out.decode()
-    assert " 0% packet loss" in text, f"allowed pings were lost across the controller outage:\n{text}"
-    assert not any(denied), "a denied connection succeeded during the outage or the restart"
-    assert changes == [], "the restart changed flows:\n" + "\n".join(changes)
-    lab.converged()
-
-
 def test_new_vm_on_a_reused_ofport_gets_only_its_own_policy(lab: Lab) -> None:
     lab.start()
     lab.converged()
@@ -239,6 +205,11 @@ def test_new_vm_on_a_reused_ofport_gets_only_its_own_policy(lab: Lab) -> None:
 
 def moved_expected(lab: Lab, moves: dict[str, tuple[str, int] | None]) -> dict[str, frozenset]:
     """Expected flows after VMs are unplugged (None) or plugged elsewhere."""
+    return lab.expected(moved_scenario(lab, moves))
+
+
+def moved_scenario(lab: Lab, moves: dict[str, tuple[str, int] | None]) -> Scenario:
+    """The scenario after VMs are unplugged (None) or plugged elsewhere (hypervisor, ofport)."""
     from dataclasses import replace as _replace
 
     from controller.model import Inventory
@@ -252,8 +223,7 @@ def moved_expected(lab: Lab, moves: dict[str, tuple[str, int] | None]) -> dict[s
         else:
             hv, ofport = where
             vms[vm.uuid] = _replace(vm, hypervisor=hv, vnics=(_replace(vm.vnics[0], ofport=ofport),))
-    sc = _replace(lab.scenario, inventory=Inventory(inv.hypervisors, vms, inv.gateway))
-    return lab.expected(sc)
+    return _replace(lab.scenario, inventory=Inventory(inv.hypervisors, vms, inv.gateway))
 
 
 def test_a_bundle_the_switch_rejects_changes_nothing_and_is_retried(lab: Lab) -> None:
@@ -280,9 +250,12 @@ def test_a_bundle_the_switch_rejects_changes_nothing_and_is_retried(lab: Lab) ->
 SEND_AND_WAIT_CLOSE = """
 import socket, sys, time
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
-s.sendall(bytes.fromhex("0500000800000001"))  # our OF1.4 hello first
-s.sendall(bytes.fromhex(sys.argv[2]))
 start = time.monotonic()
+try:
+    s.sendall(bytes.fromhex("0500000800000001"))  # our OF1.4 hello first
+    s.sendall(bytes.fromhex(sys.argv[2]))
+except (ConnectionResetError, BrokenPipeError):  # closed before we finished sending
+    print(f"closed (reset) after {time.monotonic() - start:.2f} s"); sys.exit(0)
 s.settimeout(1)
 while time.monotonic() - start < 8:
     try:
@@ -484,3 +457,59 @@ def test_status_and_rule_hit_counts_come_from_the_switches(lab: Lab) -> None:
     out = lab.cli("status").stdout
     denied = next(line for line in out.splitlines() if line.startswith("finance-to-ledger"))
     assert denied.split()[1] == "0", "no traffic matched the finance rule"
+
+
+
+def test_a_bundle_with_adds_the_switch_refuses_is_discarded_whole_and_retried(lab: Lab) -> None:
+    """Open vSwitch checks each add as it joins a bundle and would commit the others without the
+    ones it refuses; the controller stages the adds, sees the refusal and discards the bundle.
+    The refusal is OVS's own: a datapath without connection tracking (an older kernel module,
+    here simulated for the netdev backer both bridges share), checked per add. A new rule's
+    conj_id flows match ct_state and are refused; its clause flows do not and are accepted."""
+    from controller.boot import policy_document_of
+
+    lab.start()
+    lab.converged()
+    wait_for("the API", lambda: lab.cli("policy", "show").returncode == 0)
+    document = policy_document_of(EXAMPLE)
+    rule = next(r for r in document["rules"] if r["id"] == "finance-to-ledger")
+    document["rules"].append(dict(rule, id="finance-to-ledger-9999", position=15, services=["tcp/9999"]))
+    draft = lab.tmp / "draft.yaml"
+    draft.write_text(yaml.safe_dump(document))
+    assert lab.cli("policy", "apply", str(draft)).returncode == 0
+    before = {hv: lab.installed(hv) for hv in lab.bridges}
+    lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "false")
+    try:
+        published = lab.cli("policy", "publish")
+        assert published.returncode == 0, published.stdout + published.stderr
+        retries = [f"bridge of hv1 out of sync, retry in {delay} s" for delay in ("0.5", "1.0", "2.0")]
+        wait_for("three failed attempts, backing off", lambda: all(r in lab.log() for r in retries), timeout=30)
+        assert {hv: lab.installed(hv) for hv in lab.bridges} == before, "a bundle with a refused add changed a table"
+        refused = [line for line in lab.log().splitlines() if "switch refused add of flow table=12" in line]
+        assert refused and "finance-to-ledger-9999" in refused[0], "the error names the refused flow and its rule"
+        assert "NXBMC_CT_DATAPATH_SUPPORT" in refused[0], refused[0]
+        assert "error OFPET_" not in lab.log(), "the switch refused the discard (or another message)"
+        status = lab.cli("status").stdout
+        assert "in_sync" not in next(line for line in status.splitlines() if line.startswith("hv1")), status
+    finally:
+        lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "true")
+    lab.converged(expected_with(lab, document))
+
+
+def test_an_unplugged_ports_conntrack_zone_is_flushed(lab: Lab) -> None:
+    """A port's connections are forgotten with it, so whatever gets its number next inherits no
+    established connection (Open vSwitch must accept the controller's NXT_CT_FLUSH_ZONE)."""
+    lab.start()
+    lab.converged()
+    zone = lab.scenario.inventory.vm_by_name("fin-desk2").vnics[0].ofport
+
+    def entries() -> list[str]:
+        out = lab.ovs.appctl("dpctl/dump-conntrack", f"zone={zone}")
+        return [line for line in out.splitlines() if line.strip()]
+
+    assert ping(lab.ovs.vms["fin-desk2"], vm_ip(lab, "ledger-db"))
+    assert entries(), "the allowed ping left no conntrack entry in the port's zone"
+    lab.ovs.del_vm_port("fin-desk2")
+    lab.converged(moved_expected(lab, {"fin-desk2": None}))
+    wait_for("the port's zone to be flushed", lambda: not entries(), timeout=5)
+    assert "error OFPET_" not in lab.log(), "the switch refused the flush"
