@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from controller.engine import Engine
 from controller.flows.render import render_flows
 from controller.policy.explain import explain
 from controller.scenario import Scenario, load_scenario
+from fleet.control import free_port, wait_for
 from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
 from tests.support import make_pki
 
@@ -29,21 +29,6 @@ EXAMPLE = ROOT / "examples" / "finance-identity.yaml"
 FIXTURES = ROOT / "tests" / "fixtures" / "malformed"
 GOLDILOCKS = [sys.executable, "-m", "controller.cli"]
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 @dataclass
