@@ -91,7 +91,7 @@ class _Switch:
     dump: list[FlowSpec] = field(default_factory=list)
     undecodable: int = 0
     bundle: _Bundle | None = None
-    stats_xid: int | None = None  # the counters poll in flight, told apart from reconcile dumps
+    polling: dict[int, int] = field(default_factory=dict)  # the counters poll in flight: xid -> rule cookie
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
@@ -137,9 +137,6 @@ class GoldilocksApp(app_manager.OSKenApp):
             sw = self._switches.get(dp.id)
             if sw is None:
                 return
-            if ev.msg.xid == sw.stats_xid:
-                self._count(sw, ev.msg)
-                return
             for stats in ev.msg.body:
                 try:
                     sw.dump.append(decode_flow_stats(stats))
@@ -152,15 +149,20 @@ class GoldilocksApp(app_manager.OSKenApp):
             sw.dump, sw.undecodable = [], 0
         self.sink.post(FlowsDumped(dp.id, flows, bad))
 
-    def _count(self, sw: _Switch, msg: Any) -> None:
-        """Counters by cookie; conjunction clauses have none, their conj_id flows carry the rule's."""
-        for stats in msg.body:
-            packets, nbytes = sw.counters.get(stats.cookie, (0, 0))
-            sw.counters[stats.cookie] = (packets + stats.packet_count, nbytes + stats.byte_count)
-        if msg.flags & msg.datapath.ofproto.OFPMPF_REPLY_MORE:
-            return
-        counters, sw.counters, sw.stats_xid = sw.counters, {}, None
-        self.sink.post(CountersRead(msg.datapath.id, counters))
+    @set_ev_cls(ofp_event.EventOFPAggregateStatsReply, MAIN_DISPATCHER)
+    def _aggregate(self, ev: Any) -> None:
+        """One rule's counters on this switch: the sum over the flows under its cookie
+        (conjunction clauses count nothing in OVS; the rule's conj_id flows do)."""
+        dp = ev.msg.datapath
+        with self._lock:
+            sw = self._switches.get(dp.id)
+            if sw is None or ev.msg.xid not in sw.polling:
+                return
+            sw.counters[sw.polling.pop(ev.msg.xid)] = (ev.msg.body.packet_count, ev.msg.body.byte_count)
+            if sw.polling:
+                return
+            counters, sw.counters = sw.counters, {}
+        self.sink.post(CountersRead(dp.id, counters))
 
     @set_ev_cls(ofp_event.EventOFPErrorMsg, [CONFIG_DISPATCHER, MAIN_DISPATCHER])
     def _error(self, ev: Any) -> None:
@@ -247,17 +249,25 @@ class GoldilocksApp(app_manager.OSKenApp):
         elif isinstance(command, FlushConntrack):
             self._flush_zones(sw, command.zones)
         elif isinstance(command, ReadCounters):
-            self._read_counters(sw)
+            self._read_counters(sw, command.cookies)
 
-    def _read_counters(self, sw: _Switch) -> None:
+    def _read_counters(self, sw: _Switch, cookies: tuple[int, ...]) -> None:
+        """One aggregate request per rule: the switch sums, so a bridge of tens of thousands of
+        flows costs as many small replies as there are rules, not a dump to parse."""
         dp = sw.datapath
-        request = flow_stats_request(dp.ofproto, dp.ofproto_parser, dp, COOKIE_PREFIX, COOKIE_PREFIX_MASK)
-        dp.set_xid(request)
+        ofp, parser = dp.ofproto, dp.ofproto_parser
+        requests = []
+        for ck in cookies:
+            request = parser.OFPAggregateStatsRequest(dp, 0, ofp.OFPTT_ALL, ofp.OFPP_ANY, ofp.OFPG_ANY,
+                                                      ck, 0xFFFFFFFFFFFFFFFF, parser.OFPMatch())
+            dp.set_xid(request)
+            requests.append(request)
         with self._lock:
-            if sw.stats_xid is not None:
-                return  # the previous poll has not finished
-            sw.stats_xid, sw.counters = request.xid, {}
-        dp.send_msg(request)
+            if sw.polling or not requests:
+                return  # the previous poll has not finished, or nothing to count
+            sw.polling, sw.counters = {r.xid: ck for r, ck in zip(requests, cookies)}, {}
+        for request in requests:
+            dp.send_msg(request)
 
     def _request_dump(self, sw: _Switch) -> None:
         dp = sw.datapath

@@ -17,6 +17,7 @@ from typing import Union
 from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import Event
+from controller.flows.pipeline import rule_cookie
 from controller.flows.reconcile import FlowOp, FlowTable, apply_to_table, diff, keyed, plan
 from controller.flows.types import FlowSpec
 
@@ -107,6 +108,7 @@ class FlushConntrack:
 @dataclass(frozen=True)
 class ReadCounters:
     dpid: int
+    cookies: tuple[int, ...]  # one per rule: the switch sums each rule's flows
 
 
 SwitchCommand = Union[RequestDump, SendBundle, FlushConntrack, ReadCounters]
@@ -264,7 +266,8 @@ class Runtime:
         if now - self._counters_at < COUNTERS_EVERY:
             return []
         self._counters_at = now
-        return [ReadCounters(b.dpid) for b in self._bridges.values()
+        cookies = tuple(rule_cookie(rule.id) for rule in self.engine.view().policy.rules)
+        return [ReadCounters(b.dpid, cookies) for b in self._bridges.values()
                 if b.state is SyncState.IN_SYNC and b.dpid is not None and b.dpid in self._connected]
 
     def _retry_due(self, now: float) -> list[SwitchCommand]:
