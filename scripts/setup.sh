@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Install what Goldilocks needs on a Debian 12 machine, and the Python venv. Idempotent.
 #  - apt packages: skipped when all are installed already
-#  - no system Open vSwitch daemons are left running: tests start their own (DESIGN.md §1)
+#  - no system Open vSwitch or OVN daemons are left running: tests start their own (DESIGN.md §1);
+#    OVN (ovn-central, ovn-host) is for bench/peer, which runs it in a private sandbox
 #  - nor Debian's PostgreSQL cluster: the store tests initdb and start a private server
 #  - .venv with Python >= 3.11, `pip install -e '.[dev]'` (skipped when setup.cfg/pyproject
 #    are unchanged since the last install)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv openssl postgresql)
-TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn openssl runuser)
+APT_PACKAGES=(openvswitch-switch openvswitch-common ethtool iputils-ping iproute2 mininet python3-venv openssl postgresql
+              ovn-central ovn-host)
+TOOLS=(ovs-vswitchd ovsdb-server ovsdb-tool ovs-vsctl ovs-ofctl ovs-appctl ethtool ping ip mn openssl runuser
+       ovn-northd ovn-controller ovn-nbctl ovn-sbctl ovn-appctl)
 # PostgreSQL's server tools live in /usr/lib/postgresql/<version>/bin, off PATH.
 PG_TOOLS=(initdb pg_ctl)
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -57,18 +60,24 @@ stop_system_ovs() {
     # Tests run their own ovsdb-server/ovs-vswitchd; a system service must never interfere.
     if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
         as_root systemctl disable --now openvswitch-switch ovs-vswitchd ovsdb-server \
+            ovn-central ovn-host ovn-northd ovn-controller ovn-ovsdb-server-nb ovn-ovsdb-server-sb \
             >/dev/null 2>&1 || true
-    elif [ -x /etc/init.d/openvswitch-switch ]; then
-        as_root /etc/init.d/openvswitch-switch stop >/dev/null 2>&1 || true
+    else
+        local script
+        for script in ovn-host ovn-central openvswitch-switch; do
+            if [ -x "/etc/init.d/$script" ]; then as_root "/etc/init.d/$script" stop >/dev/null 2>&1 || true; fi
+        done
     fi
     # Daemons started by the package's init script leave pidfiles here (only these are ours
     # to stop: private test sandboxes keep theirs in their own directories).
     local pidfile pid
-    for pidfile in /var/run/openvswitch/ovs-vswitchd.pid /var/run/openvswitch/ovsdb-server.pid; do
+    for pidfile in /var/run/openvswitch/ovs-vswitchd.pid /var/run/openvswitch/ovsdb-server.pid \
+            /var/run/ovn/ovn-controller.pid /var/run/ovn/ovn-northd.pid /var/run/ovn/ovnnb_db.pid \
+            /var/run/ovn/ovnsb_db.pid; do
         [ -f "$pidfile" ] || continue
         pid="$(cat "$pidfile" 2>/dev/null || true)"
         if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-            echo "setup: stopping system OVS daemon pid $pid ($pidfile)"
+            echo "setup: stopping system OVS/OVN daemon pid $pid ($pidfile)"
             as_root kill "$pid" 2>/dev/null || true
         fi
     done

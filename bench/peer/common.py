@@ -1,0 +1,251 @@
+"""What both sides share: bound ports on a private OVS, flow counts, polling, RSS, statistics."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self, TypeVar
+
+from bench.peer.workload import Vm, Workload
+from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+PORTS_PER_TRANSACTION = 200
+WAIT = 600.0  # seconds: a step that takes longer fails the run
+
+
+class BenchError(RuntimeError):
+    """A step of the benchmark did not do what it should."""
+
+
+# ---- statistics
+
+
+@dataclass(frozen=True)
+class Summary:
+    median: float
+    p95: float
+    n: int
+
+    @staticmethod
+    def of(values: Sequence[float]) -> Summary:
+        ordered = sorted(values)
+        if not ordered:
+            raise BenchError("no measurement to summarize")
+        return Summary(statistics.median(ordered), ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))],
+                       len(ordered))
+
+    def ms(self) -> dict[str, float | int]:
+        return {"median_ms": round(self.median * 1000, 1), "p95_ms": round(self.p95 * 1000, 1), "n": self.n}
+
+
+# ---- waiting
+
+
+def poll(what: str, check: Callable[[], bool], timeout: float = WAIT, every: float = 0.002) -> float:
+    """Poll `check` back to back (sleeping `every`); the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return time.monotonic()
+        time.sleep(every)
+    raise BenchError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def settle(what: str, sample: Callable[[], T], quiet: float = 1.0, timeout: float = WAIT) -> T:
+    """Sample until the value stays the same for `quiet` seconds; that value."""
+    last, since = sample(), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = sample()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return now
+    raise BenchError(f"{what} did not settle within {timeout:g} s")
+
+
+# ---- flows on a bridge
+
+
+@dataclass(frozen=True)
+class FlowCount:
+    total: int
+    conjunctive: int
+
+    @staticmethod
+    def of(lines: Sequence[str]) -> FlowCount:
+        flows = [line for line in lines if "actions=" in line]
+        return FlowCount(len(flows), sum(1 for line in flows if "conjunction(" in line))
+
+
+def flow_lines(ovs: OvsSandbox, bridge: str, match: str | None = None) -> list[str]:
+    return [line for line in ovs.dump_flows(bridge) if "actions=" in line] if match is None else \
+        [line.strip() for line in ovs.ofctl("dump-flows", bridge, "--no-stats", match).splitlines() if "actions=" in line]
+
+
+_FLOW_COUNT = re.compile(r"flow_count=(\d+)")
+
+
+def flow_count(ovs: OvsSandbox, bridge: str, match: str = "") -> int:
+    """Flows on the bridge (under `match`), from one cheap dump-aggregate."""
+    out = ovs.ofctl("dump-aggregate", bridge, *([match] if match else []))
+    found = _FLOW_COUNT.search(out)
+    if not found:
+        raise BenchError(f"no flow_count in dump-aggregate: {out!r}")
+    return int(found.group(1))
+
+
+class BridgeWatch:
+    """`ovs-ofctl monitor BRIDGE watch:!initial`, each flow event timestamped on arrival.
+
+    OVS reports a flow table change to monitors as it applies it, so the last event after a
+    change is when the bridge finished taking it (whoever sent it), without polling."""
+
+    def __init__(self, ovs: OvsSandbox, bridge: str) -> None:
+        self._proc = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{ovs.dir / (bridge + '.mgmt')}",
+                                       "watch:!initial"], env=ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._events: list[float] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=30):  # the reply to the monitor request: watching from now on
+            self.close()
+            raise BenchError(f"ovs-ofctl monitor on {bridge} did not start")
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            if line.startswith(b"OFPST_FLOW_MONITOR reply"):
+                self._ready.set()
+            elif line.startswith(b" event="):
+                with self._lock:
+                    self._events.append(time.monotonic())
+
+    def last_since(self, start: float) -> float | None:
+        """Monotonic time of the last flow event at or after `start` (None: no event)."""
+        with self._lock:
+            return self._events[-1] if self._events and self._events[-1] >= start else None
+
+    def wait_quiet(self, start: float, quiet: float = 0.2, timeout: float = WAIT) -> float:
+        """Once events came after `start` and then none for `quiet` seconds: the last one's time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.last_since(start)
+            if last is not None and time.monotonic() - last >= quiet:
+                return last
+            time.sleep(0.01)
+        raise BenchError(f"no flow event on the bridge within {timeout:g} s")
+
+    def close(self) -> None:
+        self._proc.kill()
+        self._proc.wait(timeout=5)
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- ports: most VMs are internal ports (no namespace), the probes real namespaces
+
+
+def plug_ports(ovs: OvsSandbox, bridge: str, workload: Workload, ids: Callable[[Vm], dict[str, str]]) -> dict[str, VmPort]:
+    """Bind every VM of the workload to the bridge (external_ids from `ids`); the probe VMs are
+    network namespaces on veth pairs, the others OVS internal ports in the sandbox namespace."""
+    probes = {vm.name for vm in workload.probes}
+    others = [vm for vm in workload.vms if vm.name not in probes]
+    for start in range(0, len(others), PORTS_PER_TRANSACTION):
+        args: list[str] = []
+        for vm in others[start:start + PORTS_PER_TRANSACTION]:
+            args += ["--", "add-port", bridge, vm.name, "--", "set", "Interface", vm.name, "type=internal",
+                     f"ofport_request={vm.ofport}", *(f'external_ids:"{k}"="{v}"' for k, v in ids(vm).items())]
+        ovs.vsctl(*args[1:])
+    return {vm.name: ovs.add_vm_port(bridge, vm.name, mac=vm.mac, ip=f"{vm.ip}/16", ofport=vm.ofport,
+                                     external_ids=ids(vm)) for vm in workload.probes}
+
+
+def ports_bound(ovs: OvsSandbox, workload: Workload) -> bool:
+    """Every VM's interface has its requested ofport."""
+    out = ovs.vsctl("--format=csv", "--no-headings", "--columns=name,ofport", "list", "Interface")
+    got = dict(line.split(",", 1) for line in out.splitlines() if "," in line)
+    return all(got.get(vm.name) == str(vm.ofport) for vm in workload.vms)
+
+
+# ---- the traffic check
+
+
+@dataclass(frozen=True)
+class Check:
+    src: str
+    dst: str
+    service: str
+    want: bool
+    got: bool
+
+    @property
+    def held(self) -> bool:
+        return self.want == self.got
+
+
+def traffic_check(ports: dict[str, VmPort], workload: Workload) -> list[Check]:
+    """Real TCP connects and pings between the probe VMs; allowed pairs must pass, denied drop."""
+    warm_paths(ports, workload)
+    with contextlib.ExitStack() as stack:
+        for name, tcp_ports in workload.servers.items():
+            for port in tcp_ports:
+                stack.enter_context(tcp_server(ports[name], port))
+        out = []
+        for src, dst, port, want in workload.checks:
+            got = ping(ports[src.name], dst.ip, count=2) if port is None else \
+                tcp_connect(ports[src.name], dst.ip, port, timeout=1.5)
+            out.append(Check(src.name, dst.name, "icmp" if port is None else f"tcp/{port}", want, got))
+        return out
+
+
+def warm_paths(ports: dict[str, VmPort], workload: Workload) -> None:
+    """Resolve ARP between the probes once, so the first checked packet is not the first ever."""
+    for src in workload.probes:
+        for dst in workload.probes:
+            if src != dst:
+                ping(ports[src.name], dst.ip, count=1, timeout=0.5)
+
+
+# ---- processes
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+@contextlib.contextmanager
+def netns(name: str) -> Iterator[None]:
+    """Run this thread inside network namespace `name` (sockets made here stay in it)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name}")
+        yield
+    finally:
+        libc.setns(home, CLONE_NEWNET)
+        os.close(target)
+        os.close(home)
