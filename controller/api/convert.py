@@ -28,11 +28,10 @@ def active_policy(revision: PolicyRevision | None) -> tuple[Policy, dict[str, Gr
     return policy, groups
 
 
-def engine_vm_from_store(store: Store, controller: ControllerPort, uuid: str, now: float) -> VM:
-    store_vm = store.get_vm(uuid)
-    if store_vm is None:
-        raise LookupError(f"vm {uuid}: vanished")
-    return engine_vm(store_vm, store.get_context(uuid), now, controller.vm(uuid))
+def engine_vm_of(store_vm: VM, store: Store, controller: ControllerPort, now: float) -> VM:
+    """The engine's record of a VM the store just returned: with its live context, and bound
+    where the engine saw it plugged."""
+    return engine_vm(store_vm, store.get_context(store_vm.uuid), now, controller.vm(store_vm.uuid))
 
 
 # ---- wire shapes ----------------------------------------------------------------------------

@@ -111,10 +111,18 @@ def _tag_filter(tag: str | None) -> tuple[str, str] | None:
     return key, value
 
 
-def _upserted(svc: Services, uuid: str) -> VM:
-    vm = convert.engine_vm_from_store(svc.store, svc.controller, uuid, svc.clock())
+def _upserted(svc: Services, stored: VM) -> VM:
+    vm = convert.engine_vm_of(stored, svc.store, svc.controller, svc.clock())
     svc.controller.submit(VmUpserted(vm))
     return vm
+
+
+def find_uuid(svc: Services, ref: str) -> str:
+    """The uuid of the VM `ref` names (uuid or name), without loading its record."""
+    uuid = svc.store.vm_uuid(ref) or svc.store.vm_uuid(ref.lower())
+    if uuid is None:
+        raise NotFound(f"vm {ref}: no such VM")
+    return uuid
 
 
 @router.get("/vms", response_model=list[s.VmOut], summary="List VMs")
@@ -132,7 +140,7 @@ def list_vms(
 def create_vm(body: s.VmCreate, who: Writer, svc: Svc) -> s.VmOut:
     uuid = body.uuid or default_vm_uuid(body.name)
     stored = svc.store.create_vm(convert.vm_in(body, uuid, svc.clock()), actor=who.name)
-    _upserted(svc, stored.uuid)
+    _upserted(svc, stored)
     return convert.vm_out(stored)
 
 
@@ -146,19 +154,19 @@ def get_vm(vm: str, who: Reader, svc: Svc) -> s.VmDetail:
 def replace_vm(vm: str, body: s.VmReplace, who: Writer, svc: Svc) -> s.VmOut:
     old = find_vm(svc, vm)
     stored = svc.store.update_vm(convert.vm_in(body, old.uuid, svc.clock(), old), actor=who.name)
-    _upserted(svc, stored.uuid)
+    _upserted(svc, stored)
     return convert.vm_out(stored)
 
 
 @router.delete("/vms/{vm}", response_model=s.VmOut, summary="Delete a VM and its context")
 def delete_vm(vm: str, who: Writer, svc: Svc) -> s.VmOut:
-    gone = svc.store.delete_vm(find_vm(svc, vm).uuid, actor=who.name)
+    gone = svc.store.delete_vm(find_uuid(svc, vm), actor=who.name)
     svc.controller.submit(VmRemoved(gone.uuid))
     return convert.vm_out(gone)
 
 
 @router.put("/vms/{vm}/tags", response_model=s.VmOut, summary="Replace a VM's tags")
 def put_tags(vm: str, body: s.TagsIn, who: Writer, svc: Svc) -> s.VmOut:
-    stored = svc.store.set_tags(find_vm(svc, vm).uuid, dict(body.tags), actor=who.name)
-    _upserted(svc, stored.uuid)
+    stored = svc.store.set_tags(find_uuid(svc, vm), dict(body.tags), actor=who.name)
+    _upserted(svc, stored)
     return convert.vm_out(stored)

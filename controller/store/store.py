@@ -265,6 +265,12 @@ class Store:
             vms = [vm for vm in vms if fnmatch.fnmatchcase(vm.name, name_glob)]
         return vms
 
+    def vm_uuid(self, uuid_or_name: str) -> str | None:
+        with self._read() as session:
+            return session.scalars(select(VmRow.uuid).where(
+                (VmRow.uuid == uuid_or_name) | (VmRow.name == uuid_or_name))
+                .order_by(VmRow.uuid != uuid_or_name).limit(1)).first()
+
     def get_vm(self, uuid_or_name: str) -> VM | None:
         with self._read() as session:
             row = session.get(VmRow, uuid_or_name) or session.scalars(
