@@ -108,8 +108,8 @@ def behind(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-STORE_WORK = {"membership_change": "SQLite: the VM looked up, its tags and an audit record written, the VM read "
-                                    "back for the engine",
+STORE_WORK = {"membership_change": "SQLite: the VM's uuid looked up, its tags and an audit record written, "
+                                    "its live context read for the engine",
               "rule_added": "SQLite: the draft read, validated and stored as a new revision with its audit record"}
 
 
