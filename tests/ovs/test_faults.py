@@ -367,9 +367,7 @@ def test_live_migration_moves_the_vms_access_and_leaves_nothing_on_the_old_bridg
     overlap: dict[str, object] = {}
 
     def while_both_ports_exist() -> None:  # libvirt's incoming VM, paused, during the pre-copy
-        plugged = time.monotonic()
-        with contextlib.suppress(AssertionError):
-            overlap["flows moved to hv2 after"] = f"{settle(lab, want, plugged, 'flows moved', timeout=2.0):.2f}s"
+        time.sleep(0.5)  # the destination's OVSDB snapshot reaches the controller
         overlap["guest on hv1 still reaches the ledger"] = ping(lab.ovs.vms[name], vm_ip(lab, "ledger-db"), timeout=1.0)
         if busy_source:  # meanwhile another VM starts on the source hypervisor
             lab.ovs.add_vm_port(lab.bridges["hv1"], "newcomer", mac="02:00:00:00:09:09", ip="10.0.0.99/24", ofport=9,
@@ -388,7 +386,7 @@ def test_live_migration_moves_the_vms_access_and_leaves_nothing_on_the_old_bridg
             try:
                 took = settle(lab, want, switched, f"both bridges to converge after {name} moved to hv2",
                               timeout=15.0 if busy_source else TIMEOUT)
-            except AssertionError as exc:
+            except TimeoutError as exc:
                 reaches = ping(lab.ovs.vms[name], vm_ip(lab, "ledger-db"), timeout=1.0)
                 raise AssertionError(f"{exc}; after the switchover {name} reaches the ledger: {reaches}") from None
             time.sleep(1.5)
