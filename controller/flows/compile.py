@@ -489,14 +489,6 @@ def rule_parts(rule: Rule, world: World, hv: str) -> tuple[Liveness, dict[PartKe
     return live, {k: v for k, v in parts.items() if v}
 
 
-def rule_part(rule: Rule, world: World, hv: str) -> Flows:
-    """All of one rule's flows on one bridge."""
-    flows: set[FlowSpec] = set()
-    for part in rule_parts(rule, world, hv)[1].values():
-        flows |= part
-    return frozenset(flows)
-
-
 # ---- quarantine ------------------------------------------------------------------------------
 
 

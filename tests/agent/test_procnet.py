@@ -12,6 +12,7 @@ import pytest
 
 from agent import procnet
 from tests.agent.support import wait_for
+from tests.conftest import require
 
 LISTENER = r"""
 import ctypes, socket, sys
@@ -121,11 +122,10 @@ def _can_unshare_net() -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.skipif(
-    not _can_unshare_net(), reason="needs root (unshare -n) for a second network namespace"
-)
 def test_apps_in_another_network_namespace_are_not_ours() -> None:
     """A simulated VM (own netns, shared process table) must not claim another VM's apps."""
+    require(None if _can_unshare_net() else "needs root (unshare -n) for a second network namespace",
+            "network namespace")
     script = (
         "import ctypes, socket, sys\n"
         "ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)\n"
