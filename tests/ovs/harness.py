@@ -419,6 +419,15 @@ class OvsSandbox:
         """Run ovs-appctl against the sandbox's ovs-vswitchd; returns stdout."""
         return _run(["ovs-appctl", "-t", str(self.vswitchd_ctl), *args], env=self.env).stdout
 
+    def wait_revalidated(self) -> None:
+        """Wait until the datapath's cached megaflows reflect the OpenFlow tables.
+
+        A flow change is in the tables when ovs-ofctl returns, but packets of an established
+        flow keep hitting the old megaflow until a revalidator has run; on a loaded machine
+        that can outlast a probe.
+        """
+        self.appctl("revalidator/wait")
+
     def ip(self, *args: str, netns: str | None = None) -> str:
         """Run ``ip`` in the sandbox namespace (or another one)."""
         return _run(["ip", "-n", netns or self.netns, *args]).stdout

@@ -150,6 +150,7 @@ def test_real_packets_follow_policy_and_logout_cuts_an_established_connection(ov
             assert conn.alive()
             logout(fleet, fleet.vm("fin-desk1"))
             fleet.load()
+            ovs.wait_revalidated()
             assert not conn.alive(timeout=1.5), "the established connection outlived the logout"
         assert not tcp_connect(vms["fin-desk1"], ledger_ip, 5432, timeout=1.0)
         assert ping(vms["fin-desk1"], ledger_ip), "platform-based access stays"

@@ -236,6 +236,7 @@ def test_established_connection_is_cut(ovs: OvsSandbox, one_bridge) -> None:
         assert conn.alive(1.0)
         assert conn.alive(1.0)
         ovs.replace_flows(bridge, STATEFUL_1_2 + "\ntable=1,priority=20,tcp,tp_dst=5001,actions=drop")
+        ovs.wait_revalidated()
         assert not conn.alive(1.0)
         assert ping(vm1, IP2)  # only that traffic is cut
 
