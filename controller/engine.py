@@ -25,6 +25,7 @@ from controller.events import (
     QuarantineReleased,
     QuarantineRequested,
     VmRemoved,
+    VmTagsReplaced,
     VmUpserted,
 )
 from controller.flows.compile import (
@@ -240,6 +241,9 @@ class Engine:
             return _Change(everything=True)
         if isinstance(event, VmUpserted):
             return self._set_vms({event.vm.uuid: _keep_binding(self._raw.get(event.vm.uuid), event.vm)})
+        if isinstance(event, VmTagsReplaced):
+            raw = self._raw.get(event.uuid)
+            return _Change() if raw is None else self._set_vms({event.uuid: with_platform_tags(raw, event.tags)})
         if isinstance(event, VmRemoved):
             for provenance in (Provenance.GUEST, Provenance.AUTHORITATIVE):
                 self._expires.pop((event.uuid, provenance), None)
@@ -577,6 +581,12 @@ def _addressing(vm: VM | None) -> object:
 
 def _apps(vm: VM | None) -> object:
     return None if vm is None else frozenset(f for f in vm.facts if f.attr is Attr.APP)
+
+
+def with_platform_tags(vm: VM, tags: frozenset[Fact]) -> VM:
+    """`vm` with its platform tags replaced by `tags`; context facts stay."""
+    kept = frozenset(f for f in vm.facts if not (f.attr == Attr.TAG and f.provenance == Provenance.PLATFORM))
+    return replace(vm, facts=kept | tags)
 
 
 def _keep_binding(old: VM | None, new: VM) -> VM:

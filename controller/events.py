@@ -37,6 +37,15 @@ class VmUpserted:
 
 
 @dataclass(frozen=True)
+class VmTagsReplaced:
+    """A VM's platform tags were replaced (the operator's tags, each with when it was first
+    observed with its value); its other facts and its binding stay as the engine has them."""
+
+    uuid: str
+    tags: frozenset[Fact]
+
+
+@dataclass(frozen=True)
 class VmRemoved:
     uuid: str
 
@@ -108,4 +117,4 @@ class QuarantineReleased:
     by: str
 
 
-Event = Union[QuarantineRequested, QuarantineReleased, ContextExpiry, PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]
+Event = Union[QuarantineRequested, QuarantineReleased, ContextExpiry, PortsObserved, HypervisorUpserted, HypervisorRemoved, GatewayChanged, VmUpserted, VmTagsReplaced, VmRemoved, ContextReported, DirectoryChanged, PolicyChanged]

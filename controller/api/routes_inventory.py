@@ -16,6 +16,7 @@ from controller.events import (
     HypervisorRemoved,
     HypervisorUpserted,
     VmRemoved,
+    VmTagsReplaced,
     VmUpserted,
 )
 from controller.model import VM, Gateway, Hypervisor
@@ -168,5 +169,7 @@ def delete_vm(vm: str, who: Writer, svc: Svc) -> s.VmOut:
 @router.put("/vms/{vm}/tags", response_model=s.VmOut, summary="Replace a VM's tags")
 def put_tags(vm: str, body: s.TagsIn, who: Writer, svc: Svc) -> s.VmOut:
     stored = svc.store.set_tags(find_uuid(svc, vm), dict(body.tags), actor=who.name)
-    _upserted(svc, stored)
+    # Only the tags changed: the engine keeps the VM's context and binding, so the flows
+    # can go out without first reading them back from the store and the engine.
+    svc.controller.submit(VmTagsReplaced(stored.uuid, stored.facts))
     return convert.vm_out(stored)

@@ -12,6 +12,7 @@ from controller.events import (
     HypervisorRemoved,
     HypervisorUpserted,
     PortsObserved,
+    VmTagsReplaced,
     VmUpserted,
 )
 from controller.flows.compile import compile_bridge
@@ -40,6 +41,28 @@ def test_an_inventory_edit_keeps_the_vm_where_ovsdb_plugged_it() -> None:
     after = engine.world().inventory.vm_by_name("fin-desk1")
     assert after.hypervisor == "hv1" and after.vnics[0].ofport == 5
     assert engine.desired("hv1") == compile_bridge(engine.world(), "hv1")
+
+
+def test_replaced_tags_keep_the_vms_context_and_binding() -> None:
+    engine = live_engine()
+    desk = engine.world().inventory.vm_by_name("fin-desk1")
+    assert desk.uuid in engine.world().members["finance-desktops"]
+    context = {f for f in desk.facts if f.provenance != Provenance.PLATFORM}
+    assert context, "the example logs a user in on fin-desk1"
+    server = frozenset({Fact(Attr.TAG, "role", "server", Provenance.PLATFORM, 7.0)})
+    engine.handle(VmTagsReplaced(desk.uuid, server))
+    after = engine.world().inventory.vm_by_name("fin-desk1")
+    assert after.facts == frozenset(context) | server
+    assert after.vnics[0].ofport == 5
+    assert desk.uuid not in engine.world().members["finance-desktops"]
+    assert engine.desired("hv1") == compile_bridge(engine.world(), "hv1")
+
+
+def test_tags_of_an_unknown_vm_change_nothing() -> None:
+    engine = live_engine()
+    before = engine.desired("hv1")
+    assert engine.handle(VmTagsReplaced("no-such-uuid", frozenset())) == []
+    assert engine.desired("hv1") == before
 
 
 def test_a_hypervisor_edit_keeps_the_dpid_and_uplink_ovsdb_reported() -> None:
