@@ -18,7 +18,7 @@ from controller.commands import FlushZones, ProgramBridge
 from controller.engine import Engine
 from controller.events import Event
 from controller.flows.pipeline import rule_cookie
-from controller.flows.reconcile import FlowOp, FlowTable, apply_to_table, diff, keyed, plan
+from controller.flows.reconcile import FlowOp, FlowTable, apply_to_table, diff, keyed, net_diff, plan
 from controller.flows.types import FlowSpec
 
 BACKOFF_FIRST = 0.5  # seconds
@@ -124,7 +124,8 @@ class BridgeSync:
     installed: FlowTable | None = None  # what the switch holds, by key; None: unknown until dumped
     pending: tuple[FlowOp, ...] = ()
     bundle: int = 0
-    dirty: bool = False  # desired changed while a bundle was in flight
+    # The engine's steps since the in-flight bundle's target, in order: the next bundle.
+    queued: tuple[FlowOp, ...] = ()
     failures: int = 0
     retry_at: float | None = None
     last_error: str | None = None
@@ -166,7 +167,7 @@ class Runtime:
         if isinstance(event, SwitchDisconnected):
             self._connected.discard(event.dpid)
             return self._on_bridge(event.dpid, lambda b: (replace(b, state=SyncState.DISCONNECTED, installed=None,
-                                                                   pending=(), dirty=False), []))
+                                                                   pending=(), queued=()), []))
         if isinstance(event, FlowsDumped):
             return self._on_bridge(event.dpid, lambda b: self._dumped(b, event.flows))
         if isinstance(event, BundleCommitted):
@@ -213,17 +214,17 @@ class Runtime:
 
     def _connect(self, dpid: int) -> list[SwitchCommand]:
         def step(b: BridgeSync) -> tuple[BridgeSync, list[SwitchCommand]]:
-            return replace(b, state=SyncState.DUMPING, installed=None, pending=(), dirty=False), [RequestDump(dpid)]
+            return replace(b, state=SyncState.DUMPING, installed=None, pending=(), queued=()), [RequestDump(dpid)]
         return self._on_bridge(dpid, step)
 
     def _send(self, b: BridgeSync, ops: tuple[FlowOp, ...]) -> tuple[BridgeSync, list[SwitchCommand]]:
         if not ops:
-            return replace(b, state=SyncState.IN_SYNC, pending=(), dirty=False, failures=0,
+            return replace(b, state=SyncState.IN_SYNC, pending=(), queued=(), failures=0,
                            retry_at=None), []
         bundle = self._next_bundle
         self._next_bundle += 1
         assert b.dpid is not None
-        new = replace(b, state=SyncState.APPLYING, pending=ops, bundle=bundle, dirty=False,
+        new = replace(b, state=SyncState.APPLYING, pending=ops, bundle=bundle, queued=(),
                       bundles_sent=b.bundles_sent + 1, flow_mods_sent=b.flow_mods_sent + len(ops))
         return new, [SendBundle(b.dpid, bundle, ops)]
 
@@ -239,7 +240,7 @@ class Runtime:
             # exactly the engine's step from those to the new ones.
             return self._send(b, ops)
         if b.state is SyncState.APPLYING:
-            return replace(b, dirty=True), []
+            return replace(b, queued=b.queued + ops), []
         return b, []  # disconnected, dumping or backing off: the next dump reconciles
 
     def _committed(self, b: BridgeSync, bundle: int) -> tuple[BridgeSync, list[SwitchCommand]]:
@@ -247,9 +248,9 @@ class Runtime:
             return b, []
         installed = apply_to_table(b.installed, b.pending)
         b = replace(b, installed=installed, pending=(), failures=0, retry_at=None, last_error=None)
-        if not b.dirty:
-            return self._send(b, ())
-        return self._send(b, plan(diff(self.engine.desired(b.hypervisor), installed)))
+        # The switch now holds the desired flows the bundle was planned for; what changed
+        # since is exactly the queued steps, so only the flows they touch are compared.
+        return self._send(b, plan(net_diff(installed, b.queued)))
 
     def _failed(self, b: BridgeSync, event: BundleFailed, now: float) -> tuple[BridgeSync, list[SwitchCommand]]:
         if event.bundle != b.bundle:

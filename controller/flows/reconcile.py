@@ -98,3 +98,14 @@ def apply_to_table(installed: FlowTable, ops: Iterable[FlowOp]) -> dict[FlowKey,
         else:
             table[op.flow.key] = op.flow
     return table
+
+
+def net_diff(installed: FlowTable, steps: Iterable[FlowOp]) -> Diff:
+    """The difference between `installed` and `installed` after `steps`, over the flows the
+    steps touch only: several queued changes become one plan without comparing whole tables."""
+    steps = tuple(steps)
+    touched = {op.flow.key: installed.get(op.flow.key) for op in steps}
+    if not touched:
+        return Diff(frozenset(), frozenset(), frozenset())
+    before = {k: f for k, f in touched.items() if f is not None}
+    return diff(apply_to_table(before, steps).values(), before)
