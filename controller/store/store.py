@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, text
+from sqlalchemy import Engine, delete, func, insert, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.model import VM, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic
+from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic
 from controller.policy.validate import Problem
 from controller.scenario import Scenario
 from controller.store import checks, codec, tokens
@@ -338,13 +338,15 @@ class Store:
             now = self._clock()
             # An unchanged tag keeps the time it was first observed with that value.
             kept = {t.key: t.observed_at for t in row.tags if tags.get(t.key) == t.value}
-            row.tags.clear()
-            session.flush()
-            row.tags.extend(
-                TagRow(key=k, value=v, observed_at=kept.get(k, now)) for k, v in sorted(tags.items())
-            )
-            session.flush()
-            stored = codec.vm_of(row)
+            new = [{"vm_uuid": uuid, "key": k, "value": v, "observed_at": kept.get(k, now)}
+                   for k, v in sorted(tags.items())]
+            # Two statements instead of the ORM's collection bookkeeping: this is the path of
+            # a membership change, and the loaded row is not used again.
+            session.execute(delete(TagRow).where(TagRow.vm_uuid == uuid))
+            if new:
+                session.execute(insert(TagRow), new)
+            stored = VM(before.uuid, before.name, before.hypervisor, before.vnics, frozenset(
+                Fact(Attr.TAG, t["key"], t["value"], Provenance.PLATFORM, t["observed_at"]) for t in new))
             self._audit(session, actor, "vm.tags", f"vm:{uuid}",
                         codec.vm_json(before), codec.vm_json(stored))
         return stored
