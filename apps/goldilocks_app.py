@@ -2,10 +2,14 @@
 
 It turns switch messages into runtime events (posted to the service's single writer queue) and
 executes the runtime's switch commands: flow dumps under the Goldilocks cookie prefix, and every
-change as one atomic bundle in two phases: the adds, a barrier, and only when the switch refused
-none of them the commit and another barrier (else a discard), because Open vSwitch drops a
-refused add from a bundle and would commit the rest. It holds no policy state of its own; it
-never installs a table-miss flow and never flushes a table.
+change as one atomic bundle. Open vSwitch drops an add it refuses from a bundle and would commit
+the rest, so a bundle goes in two phases (the adds, a barrier, and only when the switch refused
+none of them the commit and another barrier, else a discard) unless every flow in it has a shape
+(`apps.ofwire.flow_shape`) this switch already accepted on this connection: OVS refuses a flow
+mod for its form, never for its addresses, so such a bundle is sent in one phase and saves the
+switch a round trip. Should the switch refuse an add of a one-phase bundle all the same, the
+runtime is told the bundle failed and re-reads the table before anything else. The app holds no
+policy state of its own; it never installs a table-miss flow and never flushes a table.
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from os_ken.controller.handler import (
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_4
 
 from apps.ofcodec import DecodeError, decode_flow_stats, flow_stats_request
-from apps.ofwire import BundleXids, encode_commit, encode_discard, encode_staged, reserve_xids
+from apps.ofwire import (
+    BundleXids,
+    Shape,
+    encode_commit,
+    encode_direct,
+    encode_discard,
+    encode_staged,
+    flow_shape,
+    reserve_xids,
+)
 from controller.flows.pipeline import COOKIE_PREFIX, COOKIE_PREFIX_MASK, cookie_ident, cookie_kind
 from controller.flows.reconcile import FlowOp
 from controller.flows.types import FlowSpec
@@ -74,6 +87,7 @@ class _Bundle:
     ops: dict[int, FlowOp]  # xid of each add message -> the op it carries
     errors: list[str] = field(default_factory=list)  # adds (or the open) the switch refused
     committing: bool = False  # staged (adds sent, waiting for their barrier) until the commit goes
+    direct: bool = False  # sent in one phase: open, adds and commit together
 
 
 @dataclass(frozen=True)
@@ -83,6 +97,7 @@ class _Next:
 
     send: bytes = b""
     post: SwitchEvent | None = None
+    learn: tuple[FlowOp, ...] = ()  # a committed two-phase bundle: shapes the switch accepts
 
 
 @dataclass
@@ -93,6 +108,7 @@ class _Switch:
     bundle: _Bundle | None = None
     polling: dict[int, int] = field(default_factory=dict)  # the counters poll in flight: xid -> rule cookie
     counters: dict[int, tuple[int, int]] = field(default_factory=dict)
+    accepted: set[Shape] = field(default_factory=set)  # flow shapes this connection's switch took
 
 
 class GoldilocksApp(app_manager.OSKenApp):
@@ -222,18 +238,31 @@ class GoldilocksApp(app_manager.OSKenApp):
         sw.bundle = None
         dpid = sw.datapath.id
         if not bundle.errors:
-            return _Next(post=BundleCommitted(dpid, bundle.id))
+            learn = () if bundle.direct else tuple(bundle.ops.values())
+            return _Next(post=BundleCommitted(dpid, bundle.id), learn=learn)
         reason = "; ".join(bundle.errors)
-        LOG.error("switch %016x: bundle %d failed, table left as it was: %s", dpid, bundle.id, reason)
+        if bundle.direct:
+            sw.accepted.clear()  # it refused a shape it took before: trust none until re-learnt
+            LOG.error("switch %016x: one-phase bundle %d partly refused, the table will be read again: %s",
+                      dpid, bundle.id, reason)
+        else:
+            LOG.error("switch %016x: bundle %d failed, table left as it was: %s", dpid, bundle.id, reason)
         discard = b"" if bundle.committing else encode_discard(sw.datapath.ofproto.OFP_VERSION, bundle.id, bundle.xids)
         return _Next(send=discard, post=BundleFailed(dpid, bundle.id, reason))
 
     def _do(self, dp: Any, step: _Next) -> None:
-        """Outside the lock: a send may wait for the connection's queue."""
+        """Outside the lock: a send may wait for the connection's queue. The shapes of a
+        committed bundle are learnt after its event is posted, off the runtime's path."""
         if step.send:
             dp.send(step.send)
         if step.post is not None:
             self.sink.post(step.post)
+        if step.learn:
+            shapes = {flow_shape(op.flow) for op in step.learn}
+            with self._lock:
+                sw = self._switches.get(dp.id)
+                if sw is not None and sw.datapath is dp:
+                    sw.accepted |= shapes
 
     # ---- runtime -> switch -------------------------------------------------------------------
 
@@ -277,7 +306,8 @@ class GoldilocksApp(app_manager.OSKenApp):
 
     def _send_bundle(self, sw: _Switch, command: SendBundle) -> None:
         """Phase one: open, one add per flow op, barrier (apps/ofwire.py writes the bytes); the
-        barrier's reply sends the commit or the discard (_barrier). The xids are reserved as one
+        barrier's reply sends the commit or the discard (_barrier). A bundle of known shapes
+        only goes in one phase, its commit right after the adds. The xids are reserved as one
         block and the bundle registered before the first byte goes out, so an error for any add
         names its flow; the bytes go out in chunks so the switch parses the first adds while the
         rest is encoded. No lock is held while sending."""
@@ -285,9 +315,14 @@ class GoldilocksApp(app_manager.OSKenApp):
         xids = reserve_xids(dp, len(command.ops))
         bundle = _Bundle(command.bundle, xids, xids.ops(command.ops))
         with self._lock:
+            known = frozenset(sw.accepted)
+        bundle.direct = bool(known) and all(flow_shape(op.flow) in known for op in command.ops)
+        bundle.committing = bundle.direct
+        encode = encode_direct if bundle.direct else encode_staged
+        with self._lock:
             sw.bundle = bundle
         try:
-            for chunk in encode_staged(dp.ofproto.OFP_VERSION, command.bundle, xids, command.ops):
+            for chunk in encode(dp.ofproto.OFP_VERSION, command.bundle, xids, command.ops):
                 dp.send(chunk)
         except Exception:
             # A flow that cannot be encoded: what went out is an open bundle never committed.
@@ -295,7 +330,8 @@ class GoldilocksApp(app_manager.OSKenApp):
                 if sw.bundle is bundle:
                     sw.bundle = None
             raise
-        LOG.info("switch %016x: bundle %d with %d flow mods", dp.id, command.bundle, len(command.ops))
+        LOG.info("switch %016x: bundle %d with %d flow mods%s", dp.id, command.bundle, len(command.ops),
+                 " (one phase)" if bundle.direct else "")
 
     def _flush_zones(self, sw: _Switch, zones: tuple[int, ...]) -> None:
         dp = sw.datapath

@@ -377,6 +377,19 @@ def encode_staged(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[
     """Phase one: open, one add per op, the staged barrier; as buffers of up to `chunk_ops`
     adds each, so the caller can write the first while the rest is still being encoded."""
     enc = BundleEncoder(version, bundle_id)
+    return _chunks(enc, xids, ops, enc.barrier(xids.staged()), chunk_ops)
+
+
+def encode_direct(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[FlowOp],
+                  chunk_ops: int = CHUNK_OPS) -> Iterator[bytes]:
+    """One phase: open, one add per op, the commit and the final barrier (the staged barrier's
+    xid stays unused). Only for ops of shapes the switch has accepted before (`flow_shape`)."""
+    enc = BundleEncoder(version, bundle_id)
+    return _chunks(enc, xids, ops, enc.commit(xids.commit()) + enc.barrier(xids.barrier()), chunk_ops)
+
+
+def _chunks(enc: BundleEncoder, xids: BundleXids, ops: Sequence[FlowOp], tail: bytes,
+            chunk_ops: int) -> Iterator[bytes]:
     chunk = [enc.open(xids.open())]
     add, first = enc.add, xids.first + 1
     for i, op in enumerate(ops):
@@ -384,8 +397,44 @@ def encode_staged(version: int, bundle_id: int, xids: BundleXids, ops: Sequence[
         if len(chunk) >= chunk_ops:
             yield b"".join(chunk)
             chunk = []
-    chunk.append(enc.barrier(xids.staged()))
+    chunk.append(tail)
     yield b"".join(chunk)
+
+
+# ---- what the switch has accepted -------------------------------------------------------------
+
+# Fields whose value decides which other fields and actions a flow may use (OVS checks those
+# prerequisites when it parses a flow mod): their values are part of a shape, other values not.
+_PREREQUISITE_FIELDS = frozenset({"eth_type", "ip_proto"})
+
+Shape = tuple[int, tuple[tuple[str, Any], ...], tuple[tuple[Any, ...], ...]]
+
+
+def _action_shape(action: Action) -> tuple[Any, ...]:
+    if isinstance(action, Output):
+        return ("output", action.port >= _of14.OFPP_MAX)
+    if isinstance(action, SetField):
+        return ("set_field", action.field)
+    if isinstance(action, Move):
+        return ("move", action.src, action.dst)
+    if isinstance(action, Ct):
+        return ("ct", action.zone_field, action.commit, action.table, action.set_mark is not None)
+    if isinstance(action, Conjunction):
+        return ("conjunction", action.clause, action.n_clauses)
+    if isinstance(action, GotoTable):
+        return ("goto_table", action.table)
+    return (type(action).__name__,)
+
+
+def flow_shape(flow: FlowSpec) -> Shape:
+    """What a switch's acceptance of a flow mod depends on: the table, which fields it matches
+    (masked or not, with the values of prerequisite fields), and its actions without their
+    addresses, ports, ids or register values. Open vSwitch refuses a flow mod for its form
+    (prerequisites, datapath features such as conntrack, action consistency), and a form it
+    accepted once it accepts again."""
+    fields = tuple((f.name, f.value if f.name in _PREREQUISITE_FIELDS else f.mask is not None)
+                   for f in flow.match.fields)
+    return flow.table, fields, tuple(_action_shape(a) for a in flow.actions)
 
 
 def encode_commit(version: int, bundle_id: int, xids: BundleXids) -> bytes:

@@ -445,27 +445,49 @@ def test_status_and_rule_hit_counts_come_from_the_switches(lab: Lab) -> None:
 
 
 
+def with_rule(document: dict, port: int) -> dict:
+    """The document with one more rule like finance-to-ledger, on tcp/`port`."""
+    rule = next(r for r in document["rules"] if r["id"] == "finance-to-ledger")
+    extra = dict(rule, id=f"finance-to-ledger-{port}", position=15, services=[f"tcp/{port}"])
+    return dict(document, rules=[*document["rules"], extra])
+
+
+def publish(lab: Lab, document: dict) -> subprocess.CompletedProcess[str]:
+    draft = lab.tmp / "draft.yaml"
+    draft.write_text(yaml.safe_dump(document))
+    assert lab.cli("policy", "apply", str(draft)).returncode == 0
+    return lab.cli("policy", "publish")
+
+
+def without_ct(lab: Lab) -> None:
+    """A datapath without connection tracking, for the netdev backer both bridges share."""
+    lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "false")
+
+
+def with_ct(lab: Lab) -> None:
+    lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "true")
+
+
 def test_a_bundle_with_adds_the_switch_refuses_is_discarded_whole_and_retried(lab: Lab) -> None:
     """Open vSwitch checks each add as it joins a bundle and would commit the others without the
     ones it refuses; the controller stages the adds, sees the refusal and discards the bundle.
-    The refusal is OVS's own: a datapath without connection tracking (an older kernel module,
-    here simulated for the netdev backer both bridges share), checked per add. A new rule's
-    conj_id flows match ct_state and are refused; its clause flows do not and are accepted."""
+    The refusal is OVS's own: a datapath without connection tracking (an older kernel module;
+    OVS probes a datapath's features when it starts, so the switch lacks it from the first
+    message of the controller's connection), checked per add. A new rule's conj_id flows
+    match ct_state and are refused; its clause flows do not and are accepted."""
     from controller.boot import policy_document_of
 
     lab.start()
     lab.converged()
     wait_for("the API", lambda: lab.cli("policy", "show").returncode == 0)
-    document = policy_document_of(EXAMPLE)
-    rule = next(r for r in document["rules"] if r["id"] == "finance-to-ledger")
-    document["rules"].append(dict(rule, id="finance-to-ledger-9999", position=15, services=["tcp/9999"]))
-    draft = lab.tmp / "draft.yaml"
-    draft.write_text(yaml.safe_dump(document))
-    assert lab.cli("policy", "apply", str(draft)).returncode == 0
     before = {hv: lab.installed(hv) for hv in lab.bridges}
-    lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "false")
+    without_ct(lab)
     try:
-        published = lab.cli("policy", "publish")
+        lab.kill9()
+        lab.start()  # a new connection: nothing this switch accepts is known yet
+        wait_for("the restarted controller in sync", lambda: lab.log().count(" in sync") >= 2)
+        document = with_rule(policy_document_of(EXAMPLE), 9999)
+        published = publish(lab, document)
         assert published.returncode == 0, published.stdout + published.stderr
         retries = [f"bridge of hv1 out of sync, retry in {delay} s" for delay in ("0.5", "1.0", "2.0")]
         wait_for("three failed attempts, backing off", lambda: all(r in lab.log() for r in retries), timeout=30)
@@ -474,11 +496,37 @@ def test_a_bundle_with_adds_the_switch_refuses_is_discarded_whole_and_retried(la
         assert refused and "finance-to-ledger-9999" in refused[0], "the error names the refused flow and its rule"
         assert "NXBMC_CT_DATAPATH_SUPPORT" in refused[0], refused[0]
         assert "error OFPET_" not in lab.log(), "the switch refused the discard (or another message)"
+        assert "(one phase)" not in lab.log()
         status = lab.cli("status").stdout
         assert "in_sync" not in next(line for line in status.splitlines() if line.startswith("hv1")), status
     finally:
-        lab.ovs.appctl("dpif/set-dp-features", lab.bridges["hv1"], "ct_state", "true")
+        with_ct(lab)
     lab.converged(expected_with(lab, document))
+
+
+def test_bundles_of_shapes_the_switch_took_go_in_one_phase_and_a_refusal_makes_it_read_again(lab: Lab) -> None:
+    """Once a switch has taken flows of a shape on this connection, a bundle of known shapes
+    goes in one phase (open, adds, commit together). A switch only loses a datapath feature on a
+    live connection by an operator's command (simulated here): the one-phase bundle is then
+    partly refused, the controller says so, reads the table again and retries in two phases,
+    discarded while the feature is off; it converges once the feature is back."""
+    from controller.boot import policy_document_of
+
+    lab.start()
+    lab.converged()
+    wait_for("the API", lambda: lab.cli("policy", "show").returncode == 0)
+    original = policy_document_of(EXAMPLE)
+    assert publish(lab, with_rule(original, 9999)).returncode == 0
+    lab.converged(expected_with(lab, with_rule(original, 9999)))
+    assert "(one phase)" in lab.log(), "a rule like the others is made of shapes the switch took"
+    without_ct(lab)
+    try:
+        assert publish(lab, with_rule(original, 9998)).returncode == 0
+        wait_for("the partly refused bundle reported", lambda: "partly refused, the table will be read again" in lab.log())
+        wait_for("a retry in two phases, discarded", lambda: "failed, table left as it was" in lab.log(), timeout=30)
+    finally:
+        with_ct(lab)
+    lab.converged(expected_with(lab, with_rule(original, 9998)))
 
 
 def test_an_unplugged_ports_conntrack_zone_is_flushed(lab: Lab) -> None:

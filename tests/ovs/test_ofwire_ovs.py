@@ -17,7 +17,7 @@ import pytest
 from os_ken.ofproto import ofproto_v1_3, ofproto_v1_3_parser, ofproto_v1_4, ofproto_v1_4_parser
 
 from apps.ofcodec import decode_flow_stats
-from apps.ofwire import BundleXids, encode_commit, encode_discard, encode_staged
+from apps.ofwire import BundleXids, encode_commit, encode_direct, encode_discard, encode_staged
 from controller.flows.reconcile import FlowOp, OpKind, apply_plan, diff, plan
 from controller.flows.types import FlowSpec, GotoTable, Output
 from tests.ovs.harness import OvsSandbox
@@ -87,6 +87,28 @@ def test_a_bundle_of_our_bytes_installs_exactly_the_desired_flows(
         peer.sock.close()
     assert len(entries) == len(flows)
     assert frozenset(decode_flow_stats(e) for e in entries) == flows
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_one_phase_bundle_installs_and_changes_what_the_plan_says(
+    ovs: OvsSandbox, bridge_factory, version: tuple[ModuleType, ModuleType, str]
+) -> None:
+    """Open, adds, commit and barrier in one stream: the switch applies the adds before the
+    commit that follows them, so one round trip does what the two phases do."""
+    ofp, parser, protocol = version
+    _, flows = desired("finance-identity.yaml", "hv1")
+    ordered = sorted(flows)
+    after = frozenset(ordered[20:]) | {replace(f, actions=(Output(42),)) for f in ordered[:10]}
+    peer = connect(ovs, bridge_factory(protocols=protocol), ofp, parser)
+    try:
+        for bundle_id, ops in ((1, adds(flows)), (2, list(plan(diff(after, flows))))):
+            xids = BundleXids(next(BUNDLE_XIDS), len(ops))
+            for chunk in encode_direct(ofp.OFP_VERSION, bundle_id, xids, ops, chunk_ops=100):
+                peer.sock.sendall(chunk)
+            assert errors_until(peer, xids.barrier()) == []
+        assert dumped(peer) == after
+    finally:
+        peer.sock.close()
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
@@ -28,8 +28,10 @@ from apps.ofwire import (
     BundleEncoder,
     BundleXids,
     encode_commit,
+    encode_direct,
     encode_discard,
     encode_staged,
+    flow_shape,
     reserve_xids,
 )
 from controller.flows.pipeline import COOKIE_PREFIX
@@ -38,6 +40,8 @@ from controller.flows.types import (
     CT_EST,
     CT_TRK,
     ETH_TYPE_IP,
+    Conjunction,
+    Ct,
     FlowSpec,
     GotoTable,
     Match,
@@ -201,6 +205,50 @@ def test_a_bundle_is_staged_then_committed_with_one_block_of_consecutive_xids(
     else:
         assert [m.exp_type for m in msgs[1:-3]] == [ofp.ONF_ET_BUNDLE_ADD_MESSAGE] * len(ops)
     assert control_kinds(ofp, [msgs[0], msgs[-2]]) == [request(ofp, "OPEN"), request(ofp, "COMMIT")]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_one_phase_bundle_is_the_staged_one_with_the_commit_instead_of_the_staged_barrier(
+    version: tuple[ModuleType, ModuleType],
+) -> None:
+    ofp = version[0]
+    ops = ops_of(example_flows()[:40])
+    xids = BundleXids(MAX_XID - 5, len(ops))
+    staged = split_stream(b"".join(encode_staged(ofp.OFP_VERSION, BUNDLE_ID, xids, ops, chunk_ops=16)))
+    direct = split_stream(b"".join(encode_direct(ofp.OFP_VERSION, BUNDLE_ID, xids, ops, chunk_ops=16)))
+    committed = split_stream(encode_commit(ofp.OFP_VERSION, BUNDLE_ID, xids))
+    assert direct == staged[:-1] + committed
+    assert xids.staged() not in {m.xid for m in direct}
+
+
+CLAUSE = FlowSpec(12, 21900, Match.of(in_port=65), (Conjunction(7, 1, 3),), COOKIE_PREFIX | 5)
+VERDICT = FlowSpec(12, 21900, Match.of(conj_id=7, eth_type=ETH_TYPE_IP, ct_state=(CT_TRK | CT_EST, CT_TRK | CT_EST)),
+                   (Ct("reg6", commit=True), GotoTable(20)), COOKIE_PREFIX | 5)
+
+
+def test_a_flows_shape_leaves_out_addresses_ports_and_ids_but_not_its_form() -> None:
+    """What OVS checks when it parses a flow mod is in the shape; which VM, port or rule a flow
+    is for is not, so a new member's flows have the shape of the members' before it."""
+    same = [
+        replace(CLAUSE, match=Match.of(in_port=1905), actions=(Conjunction(9, 1, 3),), cookie=COOKIE_PREFIX | 9),
+        replace(CLAUSE, priority=100),
+        replace(VERDICT, match=Match.of(conj_id=8, eth_type=ETH_TYPE_IP, ct_state=(CT_TRK, CT_TRK | CT_EST))),
+    ]
+    assert [flow_shape(f) for f in same] == [flow_shape(CLAUSE), flow_shape(CLAUSE), flow_shape(VERDICT)]
+    different = [
+        replace(CLAUSE, table=32),
+        replace(CLAUSE, match=Match.of(eth_type=ETH_TYPE_IP, ipv4_dst="10.0.0.1")),
+        replace(CLAUSE, match=Match.of(eth_type=ETH_TYPE_IP, ipv4_dst="10.0.0.0/24")),
+        replace(CLAUSE, actions=(Conjunction(7, 2, 3),)),
+        replace(CLAUSE, actions=()),
+        replace(VERDICT, match=Match.of(conj_id=7, eth_type=0x0806, ct_state=(CT_TRK, CT_TRK))),
+        replace(VERDICT, actions=(Ct("reg6", commit=True, set_mark=1), GotoTable(20))),
+        replace(VERDICT, actions=(Ct("reg6"), GotoTable(20))),
+        replace(VERDICT, actions=(Output(3),)),
+        replace(VERDICT, actions=(Output(ofproto_v1_4.OFPP_CONTROLLER),)),
+    ]
+    shapes = {flow_shape(f) for f in [CLAUSE, VERDICT, *different]}
+    assert len(shapes) == 2 + len(different)
 
 
 @pytest.mark.parametrize("version", VERSIONS)
