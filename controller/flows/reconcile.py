@@ -52,11 +52,19 @@ def keyed(flows: Iterable[FlowSpec]) -> dict[FlowKey, FlowSpec]:
 def diff(desired: Iterable[FlowSpec], installed: Iterable[FlowSpec] | FlowTable) -> Diff:
     want = keyed(desired)
     have = installed if isinstance(installed, Mapping) else keyed(installed)
+    if not have:  # an empty bridge: everything is an add
+        return Diff(add=frozenset(want.values()), modify=frozenset(), delete=frozenset())
     return Diff(
         add=frozenset(f for k, f in want.items() if k not in have),
         modify=frozenset((have[k], f) for k, f in want.items() if k in have and have[k] != f),
         delete=frozenset(f for k, f in have.items() if k not in want),
     )
+
+
+def _is_verdict(flow: FlowSpec) -> bool:
+    """A conjunction's conj_id flow (conj_id sorts first among a match's fields)."""
+    fields = flow.match.fields
+    return bool(fields) and fields[0].name == "conj_id"
 
 
 def _order(flow: FlowSpec) -> tuple[int, int]:
@@ -70,12 +78,12 @@ def plan(d: Diff) -> tuple[FlowOp, ...]:
     then additions — except that a conjunction's conj_id flow goes in after its clauses and
     out before them, so no half-built conjunction ever acts.
     """
-    deletes = sorted(d.delete, key=lambda f: (f.match.get("conj_id") is None, _order(f)))
+    deletes = sorted(d.delete, key=lambda f: (not _is_verdict(f), f.table, -f.priority))
     # OVS's strict modify keeps a flow's old cookie: a flow that changes owner is re-added
     # (an add on an existing key replaces it in place, counters kept).
     modifies = sorted((new for old, new in d.modify if old.cookie == new.cookie), key=_order)
     recookied = sorted((new for old, new in d.modify if old.cookie != new.cookie), key=_order)
-    adds = sorted(d.add, key=lambda f: (f.match.get("conj_id") is not None, _order(f)))
+    adds = sorted(d.add, key=lambda f: (_is_verdict(f), f.table, -f.priority))
     return (
         tuple(FlowOp(OpKind.DELETE, f) for f in deletes)
         + tuple(FlowOp(OpKind.MODIFY, f) for f in modifies)
