@@ -108,8 +108,8 @@ def behind(records: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-STORE_WORK = {"membership_change": "SQLite: the VM's uuid looked up, its tags and an audit record written, "
-                                    "its live context read for the engine",
+STORE_WORK = {"membership_change": "SQLite: the VM's uuid looked up, its record read, its tags and an audit "
+                                    "record written",
               "rule_added": "SQLite: the draft read, validated and stored as a new revision with its audit record"}
 
 
@@ -120,12 +120,14 @@ def _behind_change(n: int, key: str, label: str, target: float, g: dict[str, Any
     sent = g[key].get("bundle_sent_median_ms", nan)
     engine = g.get("engine_in_process", {}).get(f"{key}_ms", nan)
     switch = total - sent
-    largest = ("OVS applying the bundle" if switch > sent else
+    largest = ("OVS applying the bundle (that time grows with the ports on the bridge: in the userspace "
+               "datapath, ovs-vswitchd's main loop, which also serves OpenFlow, polls every port)" if switch > sent else
                f"request handling and the store ({STORE_WORK[key]})")
     return (f"- N={n:,}, {label}: {total:.0f} ms against OVN's {o[key]['median_ms']:.0f} ms (target ≤ {target:g}×). "
             f"The bundle is sent at {sent:.0f} ms (the API call returns at {api:.0f} ms; the engine's recompute, "
             f"`Engine.handle` in-process, is {engine:.1f} ms of it; the rest is request handling and the store: "
-            f"{STORE_WORK[key]}); from the bundle sent to the flows on the bridge, OVS takes {switch:.0f} ms. "
+            f"{STORE_WORK[key]}); from the bundle sent to the flows on the bridge, OVS takes {switch:.0f} ms "
+            f"(one OpenFlow echo round trip on this bridge: {g.get('switch_echo', {}).get('median_ms', nan):.1f} ms). "
             f"Largest share: {largest}.")
 
 

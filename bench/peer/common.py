@@ -6,14 +6,16 @@ import contextlib
 import ctypes
 import os
 import re
+import socket
 import statistics
+import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 from bench.peer.workload import Vm, Workload
 from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
@@ -162,6 +164,47 @@ class BridgeWatch:
 
 
 # ---- ports: most VMs are internal ports (no namespace), the probes real namespaces
+
+
+_OFP_HEADER = struct.Struct("!BBHI")  # version, type, length, xid
+OFPT_HELLO, OFPT_ECHO_REQUEST, OFPT_ECHO_REPLY = 0, 2, 3
+
+
+def _read_message(sock: socket.socket) -> tuple[int, int, int]:
+    """One OpenFlow message off the socket: (version, type, xid); the body is skipped."""
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise BenchError("the switch closed the OpenFlow connection")
+            data += chunk
+        return data
+
+    version, kind, length, xid = _OFP_HEADER.unpack(exactly(_OFP_HEADER.size))
+    exactly(length - _OFP_HEADER.size)
+    return version, kind, xid
+
+
+def echo_round_trip(ovs: OvsSandbox, bridge: str, reps: int = 30) -> dict[str, Any]:
+    """OpenFlow echo request → reply on the bridge's management socket, timed: one pass of
+    ovs-vswitchd's main loop, which also polls every port of a userspace datapath. It is the
+    floor under every round trip either controller makes with this bridge."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(ovs.dir / f"{bridge}.mgmt"))
+        sock.sendall(_OFP_HEADER.pack(0x06, OFPT_HELLO, _OFP_HEADER.size, 1))
+        theirs, kind, _ = _read_message(sock)
+        if kind != OFPT_HELLO:
+            raise BenchError(f"the switch answered hello with message type {kind}")
+        version, times = min(theirs, 0x06), []
+        for xid in range(2, 2 + reps):
+            start = time.monotonic()
+            sock.sendall(_OFP_HEADER.pack(version, OFPT_ECHO_REQUEST, _OFP_HEADER.size, xid))
+            while _read_message(sock)[1:] != (OFPT_ECHO_REPLY, xid):
+                pass
+            times.append(time.monotonic() - start)
+    return Summary.of(times).ms()
 
 
 def plug_ports(ovs: OvsSandbox, bridge: str, workload: Workload, ids: Callable[[Vm], dict[str, str]]) -> dict[str, VmPort]:

@@ -27,6 +27,7 @@ from bench.peer.common import (
     BenchError,
     BridgeWatch,
     FlowCount,
+    echo_round_trip,
     Summary,
     flow_count,
     flow_lines,
@@ -336,6 +337,7 @@ def _measure(lab: GoldLab, workload: Workload, target: int, reps: int, log: Any)
     with_policy = FlowCount.of(lines)
     floor = bundle_floor(lab.ovs, lines, reps)
     checks = traffic_check(lab.ports, workload)
+    echo = echo_round_trip(lab.ovs, BRIDGE)
     assert lab.proc is not None
     rss = rss_kib(lab.proc.pid)
     cold = cold_start(lab, target, reps)
@@ -355,7 +357,7 @@ def _measure(lab: GoldLab, workload: Workload, target: int, reps: int, log: Any)
              "policy": with_policy.total - without}
     install = {"flows": len(lines), "floor_ms": round(floor * 1000, 1), "goldilocks_ms": cold.get("install_median_ms")}
     return {"system": "goldilocks", "version": _version(), "flows": flows, "cold_start": cold, "restart": restart,
-            "install": install, "membership_change": join, "rule_added": rule, "apply_policy": apply,
+            "install": install, "switch_echo": echo, "membership_change": join, "rule_added": rule, "apply_policy": apply,
             "rss_kib": {"total": rss, "controller": rss},
             "engine_in_process": engine_split(workload, HYPERVISOR, DPID, reps),
             "traffic": [c.__dict__ for c in checks], "traffic_ok": all(c.held for c in checks)}

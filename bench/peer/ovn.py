@@ -234,6 +234,7 @@ def measure(workload: Workload, reps: int, log: Any = print) -> dict[str, Any]:
 def _measure(lab: OvnLab, workload: Workload, target: int, reps: int, log: Any) -> dict[str, Any]:
     with_policy = lab.flows()
     checks = common.traffic_check(lab.ports, workload)
+    echo = common.echo_round_trip(lab.ovs, BRIDGE)
     rss = lab.rss()
     restart, first = cold_restart(lab, target, reps)
     log(f"ovn: cold restart {common.Summary.of(restart).median:.2f} s")
@@ -256,6 +257,7 @@ def _measure(lab: OvnLab, workload: Workload, target: int, reps: int, log: Any) 
     flows = {"total": with_policy.total, "conjunctive": with_policy.conjunctive,
              "without_policy": without.total, "policy": with_policy.total - without.total}
     return {"system": "ovn", "version": _version(), "flows": flows, "cold_start": cold, "restart": cold,
+            "switch_echo": echo,
             "membership_change": _wait_summary(join), "rule_added": _wait_summary(rule),
             "apply_policy": _wait_summary(apply), "rss_kib": {"total": sum(rss.values()), **rss},
             "traffic": [c.__dict__ for c in checks], "traffic_ok": all(c.held for c in checks)}

@@ -60,6 +60,8 @@ FIGURES = (
            _get("cold_start", "median_ms"), "ms", 0.5, _get("cold_start", "p95_ms")),
     Figure("restart → all flows, bridge emptied (Goldilocks: its database; OVN: ovn-controller)",
            _get("restart", "median_ms"), "ms", 0.5, _get("restart", "p95_ms")),
+    Figure("OVS echo round trip on the bridge (one pass of its main loop)", _get("switch_echo", "median_ms"), "ms",
+           None, _get("switch_echo", "p95_ms")),
     Figure("membership change → on bridge", _get("membership_change", "median_ms"), "ms", 0.1,
            _get("membership_change", "p95_ms")),
     Figure("rule added → on bridge", _get("rule_added", "median_ms"), "ms", 0.5, _get("rule_added", "p95_ms")),
