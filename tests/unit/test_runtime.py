@@ -114,58 +114,64 @@ def failing_before(rt: Runtime, bundle: SendBundle) -> frozenset:
     return frozenset((desired - added) | removed)
 
 
-def test_change_while_a_bundle_is_in_flight_follows_after_commit() -> None:
-    rt, dp = runtime()
+def bundle_in_flight(rt: Runtime, dp: dict[str, int]) -> SendBundle:
+    """hv1 in sync, then alice's logout: its bundle is in flight until BundleCommitted."""
     connect_in_sync(rt, dp["hv1"], "hv1")
-    connect_in_sync(rt, dp["hv2"], "hv2")
-    first = [c for c in logout_alice(rt) if c.dpid == dp["hv1"]]
+    (first,) = [c for c in logout_alice(rt) if c.dpid == dp["hv1"]]
+    return first
+
+
+def without_ping_rule() -> PolicyChanged:
     sc = load_scenario(EXAMPLE)
     rules = tuple(r for r in sc.policy.rules if r.id != "desktops-ping-ledger")
-    during = rt.handle(PolicyChanged(replace(sc.policy, rules=rules), sc.groups), 2)
-    assert not [c for c in during if c.dpid == dp["hv1"]], "no second bundle while one is in flight"
-    assert rt.bridge("hv1").queued
-    (follow,) = rt.handle(BundleCommitted(dp["hv1"], first[0].bundle), 3)
-    assert isinstance(follow, SendBundle)
-    rt.handle(BundleCommitted(dp["hv1"], follow.bundle), 4)
+    return PolicyChanged(replace(sc.policy, rules=rules), sc.groups)
+
+
+def assert_in_sync(rt: Runtime) -> None:
     b = rt.bridge("hv1")
     assert b.state is SyncState.IN_SYNC and frozenset(b.installed.values()) == rt.engine.desired("hv1")
+
+
+def test_change_while_a_bundle_is_in_flight_follows_after_commit() -> None:
+    rt, dp = runtime()
+    connect_in_sync(rt, dp["hv2"], "hv2")
+    first = bundle_in_flight(rt, dp)
+    during = rt.handle(without_ping_rule(), 2)
+    assert not [c for c in during if c.dpid == dp["hv1"]], "no second bundle while one is in flight"
+    assert rt.bridge("hv1").queued
+    (follow,) = rt.handle(BundleCommitted(dp["hv1"], first.bundle), 3)
+    assert isinstance(follow, SendBundle)
+    rt.handle(BundleCommitted(dp["hv1"], follow.bundle), 4)
+    assert_in_sync(rt)
 
 
 def test_changes_queued_in_flight_go_out_as_one_bundle_of_the_flows_they_touch() -> None:
     rt, dp = runtime()
-    connect_in_sync(rt, dp["hv1"], "hv1")
-    first = [c for c in logout_alice(rt) if c.dpid == dp["hv1"]]
+    first = bundle_in_flight(rt, dp)
     sc = load_scenario(EXAMPLE)
     desk = rt.engine.world().inventory.vm_by_name("fin-desk1")
-    for n, event in enumerate((
-        PolicyChanged(replace(sc.policy, rules=tuple(r for r in sc.policy.rules if r.id != "desktops-ping-ledger")),
-                      sc.groups),
-        VmTagsReplaced(desk.uuid, frozenset({Fact(Attr.TAG, "role", "server", Provenance.PLATFORM)})),
-        PolicyChanged(sc.policy, sc.groups),
-    )):
+    server = frozenset({Fact(Attr.TAG, "role", "server", Provenance.PLATFORM)})
+    for n, event in enumerate((without_ping_rule(), VmTagsReplaced(desk.uuid, server),
+                               PolicyChanged(sc.policy, sc.groups))):
         assert not [c for c in rt.handle(event, 2 + n) if c.dpid == dp["hv1"]]
     installed_before = frozenset(rt.bridge("hv1").installed.values())
-    (follow,) = rt.handle(BundleCommitted(dp["hv1"], first[0].bundle), 5)
-    committed = apply_plan(installed_before, first[0].ops)
+    (follow,) = rt.handle(BundleCommitted(dp["hv1"], first.bundle), 5)
+    committed = apply_plan(installed_before, first.ops)
     # Exactly the full reconcile's plan, found from the queued steps alone.
     assert follow.ops == plan(diff(rt.engine.desired("hv1"), committed))
     rt.handle(BundleCommitted(dp["hv1"], follow.bundle), 6)
-    b = rt.bridge("hv1")
-    assert b.state is SyncState.IN_SYNC and frozenset(b.installed.values()) == rt.engine.desired("hv1")
+    assert_in_sync(rt)
 
 
 def test_a_change_undone_while_in_flight_sends_nothing_more() -> None:
     rt, dp = runtime()
-    connect_in_sync(rt, dp["hv1"], "hv1")
-    first = [c for c in logout_alice(rt) if c.dpid == dp["hv1"]]
+    first = bundle_in_flight(rt, dp)
     sc = load_scenario(EXAMPLE)
-    rules = tuple(r for r in sc.policy.rules if r.id != "desktops-ping-ledger")
-    rt.handle(PolicyChanged(replace(sc.policy, rules=rules), sc.groups), 2)
+    rt.handle(without_ping_rule(), 2)
     rt.handle(PolicyChanged(sc.policy, sc.groups), 3)
     assert rt.bridge("hv1").queued
-    assert rt.handle(BundleCommitted(dp["hv1"], first[0].bundle), 4) == []
-    b = rt.bridge("hv1")
-    assert b.state is SyncState.IN_SYNC and frozenset(b.installed.values()) == rt.engine.desired("hv1")
+    assert rt.handle(BundleCommitted(dp["hv1"], first.bundle), 4) == []
+    assert_in_sync(rt)
 
 
 def test_unknown_switch_is_ignored_until_ovsdb_names_it() -> None:
