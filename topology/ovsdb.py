@@ -18,14 +18,9 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
-import ovs.db.idl
-import ovs.json
-import ovs.jsonrpc
-import ovs.poller
-import ovs.stream
-import ovs.timeval
-
+from topology import ovsjson
 from topology.inventory import SECURE, ObservedBridge, bridge_problems, from_rows
+from topology.ovslib import ovs  # python-ovs without eventlet, with a fast JSON parser
 
 DEFAULT_SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 DATABASE = "Open_vSwitch"
@@ -129,7 +124,8 @@ class OvsdbMonitor:
 
     def _schema_helper(self) -> ovs.db.idl.SchemaHelper:
         if self._schema_path is not None or DEFAULT_SCHEMA.is_file():
-            helper = ovs.db.idl.SchemaHelper(location=self._schema_path or str(DEFAULT_SCHEMA))
+            schema = ovsjson.from_file(self._schema_path or str(DEFAULT_SCHEMA))
+            helper = ovs.db.idl.SchemaHelper(schema_json=schema)
         else:  # no OVS package on the controller host: ask the server for its schema
             helper = ovs.db.idl.SchemaHelper(schema_json=fetch_schema(self.remote))
         for table, columns in COLUMNS.items():
@@ -227,16 +223,39 @@ class OvsdbMonitor:
 
 def _snapshot(hypervisor: str, bridge: str, row: ovs.db.idl.Row,
               uplinks: Collection[str]) -> ObservedBridge:
-    """Copy the IDL rows into plain dicts (inventory stays free of ovs) and convert."""
-    ports = [p for p in row.ports if p is not None]
-    interfaces = [i for p in ports for i in p.interfaces if i is not None]
+    """Copy the IDL rows into plain dicts (inventory stays free of ovs) and convert. Each
+    column is read once: every read of an IDL row's column converts it to Python anew."""
     bridge_row = {"name": row.name, "datapath_id": row.datapath_id,
                   "fail_mode": row.fail_mode, "datapath_type": row.datapath_type}
-    port_rows = [{"name": p.name, "interfaces": [i.name for i in p.interfaces if i is not None]}
-                 for p in ports]
-    interface_rows = [{"name": i.name, "ofport": i.ofport, "external_ids": dict(i.external_ids)}
-                      for i in interfaces]
+    port_rows: list[dict[str, Any]] = []
+    interface_rows: list[dict[str, Any]] = []
+    for port in _column(row, "ports"):
+        if port is None:
+            continue
+        names = []
+        for iface in _column(port, "interfaces"):
+            if iface is None:
+                continue
+            interface = {"name": _column(iface, "name"), "ofport": _column(iface, "ofport"),
+                         "external_ids": dict(_column(iface, "external_ids"))}
+            interface_rows.append(interface)
+            names.append(interface["name"])
+        port_rows.append({"name": _column(port, "name"), "interfaces": names})
     return from_rows(hypervisor, bridge, bridge_row, port_rows, interface_rows, uplinks)
+
+
+def _column(row: ovs.db.idl.Row, name: str) -> Any:
+    """`getattr(row, name)`, faster for a row without local changes. python-ovs's Row rebuilds a
+    set or map column from a copy of itself before converting it (to merge a transaction's
+    pending changes), on every read: 4000 rows took 0.15 s of a 2000-port snapshot. Without
+    pending changes the stored datum converts alone, to the same value. Uses python-ovs's
+    private row state, so anything unexpected falls back to getattr."""
+    try:
+        if not row._changes and not row._mutations and name in row._data:
+            return row._data[name].to_python(row._uuid_to_row)
+    except (AttributeError, TypeError):
+        pass
+    return getattr(row, name)
 
 
 def _bridge_row(idl: ovs.db.idl.Idl, bridge: str) -> ovs.db.idl.Row | None:

@@ -299,3 +299,35 @@ m.start()
 print("snapshot" if got.wait(5) else "no snapshot")
 m.stop()
 """
+
+
+def test_columns_read_fast_equal_python_ovs_reads_and_pending_changes_still_show(
+        ovs: OvsSandbox, bridge_factory: BridgeFactory) -> None:
+    from topology.ovsdb import COLUMNS, _column
+    from topology.ovslib import ovs as pyovs
+
+    br = bridge_factory(fail_mode="standalone")
+    ovs.add_vm_port(br, "mvm9", mac="02:00:00:00:09:01", ip="10.0.0.9/24", ofport=19,
+                    external_ids=vm_ids(VM_A, "iface-a", "02:00:00:00:09:01"))
+    helper = OvsdbMonitor("hv1", f"unix:{ovs.db_sock}", br, lambda _: None)._schema_helper()
+    idl = pyovs.db.idl.Idl(f"unix:{ovs.db_sock}", helper)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not (idl.has_ever_connected() and any(r.name == "mvm9" for r in idl.tables["Interface"].rows.values())):
+            assert time.monotonic() < deadline, "the IDL did not sync"
+            idl.run()
+            poller = pyovs.poller.Poller()
+            idl.wait(poller)
+            poller.timer_wait(100)
+            poller.block()
+        for table, columns in COLUMNS.items():
+            for row in idl.tables[table].rows.values():
+                for column in columns:
+                    assert _column(row, column) == getattr(row, column), (table, column)
+        bridge = next(r for r in idl.tables["Bridge"].rows.values() if r.name == br)
+        txn = pyovs.db.idl.Transaction(idl)
+        bridge.fail_mode = ["secure"]  # pending, not committed: python-ovs shows it, so must we
+        assert _column(bridge, "fail_mode") == bridge.fail_mode == ["secure"]
+        txn.abort()
+    finally:
+        idl.close()
