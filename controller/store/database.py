@@ -3,16 +3,16 @@ missing, and bring its schema to the newest Alembic revision."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import URL, Engine, create_engine, event, make_url, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, inspect, make_url, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import StaticPool
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version"  # Alembic's default; env.py keeps it
 DEFAULT_URL = "sqlite:///goldilocks.db"
 
 # Execution option naming how a SQLite transaction begins: IMMEDIATE for writes, so a writer
@@ -98,6 +98,20 @@ def _ensure_postgres_database(url: URL) -> None:
 
 def migrate(engine: Engine) -> None:
     """Upgrade the schema to head; a no-op on an up-to-date database."""
+    head = script_head()
+    if head is not None:
+        with engine.connect() as connection:
+            if stored_revisions(connection) == [head]:
+                # Every restart: nothing to upgrade, so neither load Alembic nor run its
+                # environment (a quarter of a second before the controller can listen).
+                return
+    _upgrade(engine)
+
+
+def _upgrade(engine: Engine) -> None:
+    from alembic import command
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     writer = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
@@ -107,6 +121,55 @@ def migrate(engine: Engine) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def stored_revisions(connection: Connection) -> list[str]:
+    """The revisions Alembic recorded in the database ([] for a new one)."""
+    if not inspect(connection).has_table(VERSION_TABLE):
+        return []
+    return sorted(connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalars())
+
+
+def script_head() -> str | None:
+    """The newest migration's revision, read from the scripts' source without importing them
+    (nor Alembic). None unless there is exactly one head and every script says plainly what
+    it revises: then Alembic decides."""
+    revisions: set[str] = set()
+    revised: set[str] = set()
+    for path in sorted((MIGRATIONS / "versions").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        found = _revision_of(path)
+        if found is None:
+            return None
+        revision, down = found
+        revisions.add(revision)
+        revised.update(down)
+    heads = revisions - revised
+    return next(iter(heads)) if len(heads) == 1 and revised <= revisions else None
+
+
+def _revision_of(path: Path) -> tuple[str, tuple[str, ...]] | None:
+    """(revision, the revisions it revises) of one migration script, from its module-level
+    `revision` and `down_revision` literals; None if either is missing or not a literal."""
+    try:
+        body = ast.parse(path.read_text(), str(path)).body
+    except (OSError, UnicodeDecodeError, SyntaxError):
+        return None  # Alembic, importing it, says what is wrong
+    values: dict[str, Any] = {}
+    for node in body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id in ("revision", "down_revision") and node.value is not None:
+            try:
+                values[target.id] = ast.literal_eval(node.value)
+            except (ValueError, TypeError):
+                return None
+    revision, down = values.get("revision"), values.get("down_revision", ...)
+    if not isinstance(revision, str) or down is ...:
+        return None
+    downs = () if down is None else (down,) if isinstance(down, str) else tuple(down)
+    return (revision, downs) if all(isinstance(d, str) for d in downs) else None
 
 
 MIGRATION_LOCK = 0x60_1D_10C5  # arbitrary, fixed: advisory-lock keys for this application

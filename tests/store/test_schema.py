@@ -4,6 +4,9 @@ SQLite in WAL mode with foreign keys on, the audit log append-only at the SQL le
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -14,8 +17,8 @@ from sqlalchemy import create_engine, inspect, make_url, text
 from sqlalchemy.exc import DBAPIError
 
 from controller.model import Hypervisor
-from controller.store import Store
-from controller.store.database import MIGRATIONS, open_engine
+from controller.store import Store, database
+from controller.store.database import MIGRATIONS, open_engine, script_head
 from controller.store.schema import Base
 from tests.store.postgres import PostgresServer
 
@@ -69,6 +72,67 @@ def test_reopening_is_idempotent_and_keeps_data(url: str) -> None:
         assert versions == [_head()]
     finally:
         second.close()
+
+
+def test_the_head_read_from_the_scripts_is_alembics() -> None:
+    # migrate() skips Alembic when the database is at this revision: it must be the real head.
+    assert script_head() == _head()
+
+
+def test_reopening_an_up_to_date_database_does_not_load_alembic(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/db.db"
+    Store(url).close()
+    probe = (f"import sys; from controller.store import Store; Store({url!r}).close(); "
+             "print('alembic' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "False"
+
+
+def test_a_database_at_an_unknown_revision_still_fails_to_open(url: str) -> None:
+    # E.g. written by a newer controller: Alembic refuses, as it did before the head check.
+    Store(url).close()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'ffff'"))
+    engine.dispose()
+    with pytest.raises(Exception, match="ffff"):
+        Store(url)
+
+
+def test_a_database_behind_the_head_is_upgraded(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = Store(url)
+    first.upsert_hypervisor(Hypervisor("hv1", 100, 1), actor="alice")
+    first.close()
+    upgraded: list[str] = []
+    monkeypatch.setattr(database, "script_head", lambda: "0002")  # as if a newer migration existed
+    monkeypatch.setattr(database, "_upgrade", lambda engine: upgraded.append(engine.url.render_as_string()))
+    Store(url).close()
+    assert len(upgraded) == 1
+
+
+@pytest.mark.parametrize(("scripts", "head"), [
+    ({"a.py": 'revision: str = "0001"\ndown_revision = None\n'}, "0001"),
+    ({"a.py": 'revision = "0001"\ndown_revision = None\n',
+      "b.py": 'revision = "0002"\ndown_revision: str | None = "0001"\n'}, "0002"),
+    ({"a.py": 'revision = "0001"\ndown_revision = None\n', "b.py": 'revision = "0002"\ndown_revision = None\n'},
+     None),  # two heads: Alembic decides
+    ({"a.py": 'revision = "0001"\ndown_revision = None\n', "b.py": 'revision = "0003"\ndown_revision = ("0001", "0002")\n'},
+     None),  # revises a script that is not there
+    ({"a.py": 'revision = "0001"\ndown_revision = None\n', "b.py": 'revision = make()\ndown_revision = "0001"\n'},
+     None),  # not a literal
+    ({"a.py": 'revision = "0001"\n'}, None),  # no down_revision
+    ({"a.py": 'revision = "0001"\ndown_revision = None\n', "b.py": "def broken(:\n"}, None),
+    ({}, None),
+])
+def test_the_script_head_is_read_conservatively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                scripts: dict[str, str], head: str | None) -> None:
+    (tmp_path / "versions").mkdir()
+    (tmp_path / "versions" / "__init__.py").write_text("")
+    for name, source in scripts.items():
+        (tmp_path / "versions" / name).write_text(source)
+    monkeypatch.setattr(database, "MIGRATIONS", tmp_path)
+    assert script_head() == head
 
 
 def test_sqlite_file_is_wal_with_foreign_keys(tmp_path: object) -> None:
