@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-
-import networkx
+from typing import TYPE_CHECKING
 
 from controller.model import VM, Attr, Fact, Inventory, Provenance
+
+if TYPE_CHECKING:
+    # Imported where a graph is built: the engine needs only effective_vm, and networkx
+    # takes a quarter of a second to import, on the way to `goldilocks run`'s first flows.
+    import networkx
 
 __all__ = [
     "Directory",
@@ -60,6 +64,8 @@ _FACT_EDGES: dict[Attr, tuple[str, str]] = {
 def build_graph(inventory: Inventory, directory: Directory) -> networkx.MultiDiGraph:
     """Nodes are (kind, name) tuples with a `kind` attribute; every edge has `relation`,
     `provenance` and `observed_at`. Only logged-in users get directory edges."""
+    import networkx
+
     g = networkx.MultiDiGraph()
     for hv in inventory.hypervisors.values():
         g.add_node(("hypervisor", hv.name), kind="hypervisor")

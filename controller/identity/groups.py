@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from controller.identity.selector import Expr, matches
-from controller.model import VM
+from controller.model import VM, Fact
 
 __all__ = ["GroupDef", "GroupIndex", "compute_members"]
 
@@ -38,13 +38,22 @@ class GroupIndex:
         self._defs: dict[str, GroupDef] = dict(groups)
         self._members: dict[str, set[str]] = {name: set() for name in groups}
         self._groups_of: dict[str, frozenset[str]] = {}
+        # What each VM's memberships were last evaluated from (selectors read only these).
+        self._evaluated: dict[str, tuple[frozenset[Fact], str, str]] = {}
 
     def update_vm(self, vm: VM) -> frozenset[str]:
         """(Re)evaluate every group for `vm`; return the groups whose membership changed."""
+        seen = (vm.facts, vm.name, vm.hypervisor)
+        if self._evaluated.get(vm.uuid) == seen:
+            # Only where it is plugged changed (an OVSDB snapshot binds every VM after a
+            # restart): no selector can tell, so skip testing every group against it.
+            return frozenset()
         new = frozenset(name for name, g in self._defs.items() if matches(g.selector, vm))
+        self._evaluated[vm.uuid] = seen
         return self._assign(vm.uuid, new)
 
     def remove_vm(self, uuid: str) -> frozenset[str]:
+        self._evaluated.pop(uuid, None)
         return self._assign(uuid, frozenset())
 
     def set_groups(self, groups: Mapping[str, GroupDef], vms: Iterable[VM]) -> frozenset[str]:
@@ -53,6 +62,7 @@ class GroupIndex:
         Returns the groups added, removed, or whose membership changed: a new or removed group
         matters to policy even when empty. A change of text alone (same selector) is silent.
         """
+        self._evaluated.clear()  # memberships now come from `vms`, which the caller chose
         removed = frozenset(self._defs) - frozenset(groups)
         stale = {
             name: g

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.identity import groups as groups_module
 from controller.identity.graph import effective_vm
 from controller.identity.groups import GroupDef, GroupIndex, compute_members
 from controller.identity.selector import parse_selector
-from controller.model import VM, Attr, Fact, Provenance
+from controller.model import VM, Attr, Fact, Provenance, VNic
 
 G, P = Provenance.GUEST, Provenance.PLATFORM
 
@@ -25,6 +27,7 @@ GROUPS = {
     "bob": group("bob", "user == 'bob'"),
     "web": group("web", "name glob 'web-*'"),
     "everyone": group("everyone", "all()"),
+    "on-hv2": group("on-hv2", "hypervisor == 'hv2'"),
 }
 
 
@@ -71,6 +74,29 @@ def test_set_groups_reevaluates_only_changed_selectors() -> None:
     assert {name: idx.members(name) for name in new} == compute_members(new, vms)
 
 
+def test_a_vm_only_plugged_elsewhere_is_not_tested_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OVSDB snapshot re-binds every VM after a restart: selectors read facts, name and
+    # hypervisor, never vNICs, so the index must not test every group against each VM again.
+    groups = GROUPS
+    idx = GroupIndex(groups)
+    vm = make_vm("u1", "web-1", Fact(Attr.TAG, "dept", "finance", P))
+    assert idx.update_vm(vm) == {"finance", "web", "everyone"}
+    tested: list[str] = []
+    real = groups_module.matches
+    monkeypatch.setattr(groups_module, "matches", lambda expr, v: tested.append(v.uuid) or real(expr, v))
+    plugged = replace(vm, vnics=(VNic("02:00:00:00:00:01", ("10.0.0.1",), 7),))
+    assert idx.update_vm(plugged) == frozenset() and tested == []
+    moved = replace(plugged, hypervisor="hv2")  # a selector can see this
+    assert idx.update_vm(moved) == {"on-hv2"} and tested
+    tested.clear()
+    retagged = replace(moved, facts=frozenset({Fact(Attr.TAG, "dept", "hr", P)}))
+    assert idx.update_vm(retagged) == {"finance"} and tested
+    idx.set_groups({**groups, "finance": group("finance", "tag.dept == 'hr'")}, [retagged])
+    tested.clear()
+    assert idx.update_vm(retagged) == frozenset() and tested  # evaluated afresh after a redefinition
+    assert idx.groups_of("u1") == {"finance", "web", "everyone", "on-hv2"}
+
+
 def test_compute_members_includes_empty_groups() -> None:
     assert compute_members(GROUPS, []) == {name: frozenset() for name in GROUPS}
 
@@ -94,7 +120,9 @@ _vms = st.builds(
     st.sampled_from(["web-1", "desk", "web-2"]),
 )
 _vms = st.builds(
-    lambda vm, facts: replace(vm, facts=frozenset(facts)), _vms, st.lists(_facts, max_size=4)
+    lambda vm, facts, hv, ofport: replace(vm, facts=frozenset(facts), hypervisor=hv,
+                                          vnics=(VNic("02:00:00:00:00:01", ("10.0.0.1",), ofport),)),
+    _vms, st.lists(_facts, max_size=4), st.sampled_from(["hv1", "hv2"]), st.sampled_from([None, 1, 2]),
 )
 _group_sets = st.dictionaries(
     st.sampled_from(list(GROUPS)), st.sampled_from(list(GROUPS.values())), max_size=5
