@@ -20,10 +20,24 @@ from typing import Any
 from controller.config import Config
 from controller.events import ContextExpiry, ContextReported, Event
 from controller.facade import EngineFacade, HitCounter
-from controller.runtime import CountersRead, Runtime, SwitchCommand, SwitchEvent, SyncState, Tick
+from controller.runtime import (
+    BridgeSync,
+    CountersRead,
+    Runtime,
+    SwitchCommand,
+    SwitchEvent,
+    SyncState,
+    Tick,
+)
 
 LOG = logging.getLogger("goldilocks.service")
 TICK_SECONDS = 0.25
+# A bridge past its first dump: its first flows are sent (or it is in sync, or backing off).
+FIRST_FLOWS_SENT = frozenset({SyncState.APPLYING, SyncState.IN_SYNC, SyncState.BACKOFF})
+# At start the REST API waits, at most this long, until every monitored bridge is settled (see
+# Service.settled): importing and starting it takes most of a second of CPU, which would slow
+# the first OVSDB snapshot and flow computation it runs beside (one GIL), i.e. enforcement.
+API_WAITS_AT_MOST_S = 5.0
 
 
 class _Call:
@@ -51,6 +65,8 @@ class Service:
         self._execute: Callable[[SwitchCommand], None] | None = None
         self._thread: threading.Thread | None = None
         self.monitors: list[Any] = []
+        self._monitored: frozenset[str] | None = None  # hypervisors with an OVSDB monitor, once started
+        self.settled = threading.Event()  # every monitored bridge is past the start's heavy part
         self.hits = HitCounter()
         self.facade = EngineFacade(self.call, self.post, self.hits, alive=self.engine_alive)
 
@@ -89,6 +105,9 @@ class Service:
                                uplinks=hv.uplinks, set_fail_secure=hv.set_fail_secure, ssl=ssl)
             mon.start()
             self.monitors.append(mon)
+        self._monitored = frozenset(m.hypervisor for m in self.monitors)
+        if not self._monitored:
+            self.settled.set()  # no bridge to wait for; else the engine thread decides
 
     def stop(self) -> None:
         self._stop.set()
@@ -143,6 +162,7 @@ class Service:
             LOG.exception("engine failed on %r", type(event).__name__)
             return
         self._log_transitions(before)
+        self._note_settled()
         self._audit_effect(event)
         self._save_quarantine()
         for cmd in commands:
@@ -154,6 +174,20 @@ class Service:
             except Exception:
                 LOG.exception("southbound failed on %s", type(cmd).__name__)
 
+
+    def _note_settled(self) -> None:
+        monitored = self._monitored
+        if monitored is None or self.settled.is_set():
+            return
+        bridges = {b.hypervisor: b for b in self.runtime.bridges()}
+        if all(hv in bridges and self._bridge_settled(bridges[hv]) for hv in monitored):
+            self.settled.set()
+
+    def _bridge_settled(self, b: BridgeSync) -> bool:
+        """Its first flows are sent; or its OVSDB snapshot is in (it has a dpid) and its switch
+        is not connected: nothing is computed for it until the switch connects, which may take
+        the switch's reconnection backoff."""
+        return b.state in FIRST_FLOWS_SENT or (b.dpid is not None and not self.runtime.connected(b.dpid))
 
     def _save_quarantine(self) -> None:
         """Quarantine is truth that must survive a restart: store it whenever it changes."""
@@ -243,7 +277,8 @@ def tune_gc() -> None:
 
 
 def run(config: Config) -> int:
-    """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops."""
+    """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops. Raises ScenarioError,
+    before starting anything, if the database is empty and the scenario to seed it does not load."""
     tune_gc()
     from os_ken.base import app_manager
 
@@ -277,7 +312,10 @@ def run(config: Config) -> int:
     gc.freeze()  # what boot built lives as long as the process
     service.start_engine()
     service.start_monitors()
-    api = start_api(config, store, service) if config.api_port else None
+    api = None
+    if config.api_port:
+        _wait_settled(service, stop, API_WAITS_AT_MOST_S)
+        api = start_api(config, store, service)
     LOG.info("Goldilocks running: OpenFlow on %s:%d%s, %d hypervisors, database %s%s", config.listen, config.port,
              " (TLS)" if config.tls else "", len(config.hypervisors), _safe_url(config.database_url),
              f", API on http://{config.api_listen}:{config.api_port}" if api else "")
@@ -290,6 +328,14 @@ def run(config: Config) -> int:
     logging.shutdown()
     # os-ken's native hub threads are not daemons and cannot be joined cleanly.
     os._exit(0)
+
+
+def _wait_settled(service: Service, stop: threading.Event, limit: float) -> None:
+    """Until every monitored bridge is settled, `limit` seconds pass or a signal asks to stop."""
+    deadline = time.monotonic() + limit
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        if service.settled.wait(min(left, 0.05)):
+            return
 
 
 def _safe_url(url: str) -> str:
