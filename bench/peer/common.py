@@ -187,9 +187,8 @@ def _read_message(sock: socket.socket) -> tuple[int, int, int]:
 
 
 def echo_round_trip(ovs: OvsSandbox, bridge: str, reps: int = 30) -> dict[str, Any]:
-    """OpenFlow echo request → reply on the bridge's management socket, timed: one pass of
-    ovs-vswitchd's main loop, which also polls every port of a userspace datapath. It is the
-    floor under every round trip either controller makes with this bridge."""
+    """OpenFlow echo request → reply on the bridge's management socket, timed: what a round
+    trip with this switch costs apart from any flow change, for either controller."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(ovs.dir / f"{bridge}.mgmt"))
