@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peer import gold, ovn
-from bench.peer.report import _fmt, render, write_section
+from bench.peer.report import fmt_value, render, write_section
 from bench.peer.throughput import bench_install
 from bench.peer.workload import Workload
 from tests.ovs.harness import unavailable_reason
@@ -128,7 +128,7 @@ def _behind_change(n: int, key: str, label: str, target: float, g: dict[str, Any
             f"The bundle is sent at {sent:.0f} ms (the API call returns at {api:.0f} ms; the engine's recompute, "
             f"`Engine.handle` in-process, is {engine:.1f} ms of it; the rest is request handling and the store: "
             f"{STORE_WORK[key]}); from the bundle sent to the flows on the bridge, OVS takes {switch:.0f} ms "
-            f"(one OpenFlow echo round trip on this bridge: {_fmt(g.get('switch_echo', {}).get('median_ms'), 'ms')} ms). "
+            f"(one OpenFlow echo round trip on this bridge: {fmt_value(g.get('switch_echo', {}).get('median_ms'), 'ms')} ms). "
             f"Largest share: {largest}.")
 
 

@@ -86,7 +86,7 @@ REFERENCE_ROWS = (
 )
 
 
-def _fmt(value: float | None, unit: str) -> str:
+def fmt_value(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
     if unit == "ms":
@@ -101,9 +101,9 @@ def _fmt(value: float | None, unit: str) -> str:
 def _cell(fig: Figure, r: dict[str, Any] | None) -> str:
     if r is None:
         return "—"
-    main = _fmt(fig.read(r), fig.unit)
+    main = fmt_value(fig.read(r), fig.unit)
     p95 = fig.p95(r) if fig.p95 else None
-    return main if p95 is None else f"{main} ({_fmt(p95, fig.unit)})"
+    return main if p95 is None else f"{main} ({fmt_value(p95, fig.unit)})"
 
 
 def _ratio(fig: Figure, g: dict[str, Any] | None, o: dict[str, Any] | None, n: int) -> tuple[str, str]:
@@ -161,7 +161,7 @@ COLD_HEAD = ("| N | Goldilocks: start → OpenFlow listening | → switch connec
 
 
 def _ms_row(label: str, cells: list[Any]) -> str:
-    return f"| {label} | " + " | ".join(_fmt(c, "ms") for c in cells) + " |"
+    return f"| {label} | " + " | ".join(fmt_value(c, "ms") for c in cells) + " |"
 
 
 def _head(head: str) -> list[str]:
@@ -214,13 +214,22 @@ def versions() -> list[str]:
             f"- OVN: {first(['ovn-northd', '--version'])}, {first(['ovn-controller', '--version'])}"]
 
 
+def _run_dated(info: list[str], records: list[dict[str, Any]]) -> list[str]:
+    """The machine's lines with the run's own dates, not the time of rendering (`--render`)."""
+    dates = sorted(r["date"] for r in records if "date" in r)
+    if not dates:
+        return info
+    when = f"- Date: measured {dates[0]} to {dates[-1]} (each record's time as it was written)"
+    return [when if line.startswith("- Date:") else line for line in info]
+
+
 def render(records: list[dict[str, Any]], behind: list[str], intro: str) -> str:
     runs = {(r["system"], r["n"]): r for r in records if r["system"] in ("goldilocks", "ovn") and "error" not in r}
     ns = sorted({n for _, n in runs})
     failed = [f"- {r['system']} N={r['n']:,}: {(r['error'].strip().splitlines() or ['?'])[-1]}" for r in records if "error" in r]
     installs = [r for r in records if r["system"] == "install"]
     loads = ", ".join(f"{r['system']} N={r['n']:,}: {r['load_at_start']:g}" for r in records if "load_at_start" in r)
-    lines = [SECTION, "", intro, "", *compile_bench.machine_info(), *versions(),
+    lines = [SECTION, "", intro, "", *_run_dated(compile_bench.machine_info(), records), *versions(),
              f"- Load average (1 min) as each run started: {loads or 'not recorded'}", "",
              "### Both systems, same run (median, p95 in brackets)", "", *table(runs, ns), "",
              "Membership change across N (medians; the target: nearly flat, and ≤ 0.1× OVN's at N=2,000):", "",
