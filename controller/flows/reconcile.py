@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
+from operator import attrgetter
 
 from controller.flows.types import FlowSpec, Match
 
@@ -50,10 +51,11 @@ def keyed(flows: Iterable[FlowSpec]) -> dict[FlowKey, FlowSpec]:
 
 
 def diff(desired: Iterable[FlowSpec], installed: Iterable[FlowSpec] | FlowTable) -> Diff:
-    want = keyed(desired)
+    """`desired` holds one flow per key, as compiled tables do (tests/unit/test_compile.py)."""
     have = installed if isinstance(installed, Mapping) else keyed(installed)
-    if not have:  # an empty bridge: everything is an add
-        return Diff(add=frozenset(want.values()), modify=frozenset(), delete=frozenset())
+    if not have:  # an empty bridge: everything is an add (a frozenset is taken as it is)
+        return Diff(add=frozenset(desired), modify=frozenset(), delete=frozenset())
+    want = keyed(desired)
     return Diff(
         add=frozenset(f for k, f in want.items() if k not in have),
         modify=frozenset((have[k], f) for k, f in want.items() if k in have and have[k] != f),
@@ -67,9 +69,23 @@ def _is_verdict(flow: FlowSpec) -> bool:
     return bool(fields) and fields[0].name == "conj_id"
 
 
-def _order(flow: FlowSpec) -> tuple[int, int]:
-    # Within one priority the order carries no meaning, and comparing matches is slow.
-    return (flow.table, -flow.priority)
+def _ordered(flows: Iterable[FlowSpec]) -> list[FlowSpec]:
+    """By table, then priority from high to low. Within one priority the order carries no
+    meaning, and comparing matches is slow; two stable sorts on attributes keep the keys in C."""
+    out = sorted(flows, key=_PRIORITY, reverse=True)
+    out.sort(key=_TABLE)
+    return out
+
+
+_PRIORITY, _TABLE = attrgetter("priority"), attrgetter("table")
+
+
+def _clauses_and_verdicts(flows: Iterable[FlowSpec]) -> tuple[list[FlowSpec], list[FlowSpec]]:
+    clauses: list[FlowSpec] = []
+    verdicts: list[FlowSpec] = []
+    for f in _ordered(flows):
+        (verdicts if _is_verdict(f) else clauses).append(f)
+    return clauses, verdicts
 
 
 def plan(d: Diff) -> tuple[FlowOp, ...]:
@@ -78,17 +94,19 @@ def plan(d: Diff) -> tuple[FlowOp, ...]:
     then additions — except that a conjunction's conj_id flow goes in after its clauses and
     out before them, so no half-built conjunction ever acts.
     """
-    deletes = sorted(d.delete, key=lambda f: (not _is_verdict(f), f.table, -f.priority))
+    kept, verdicts = _clauses_and_verdicts(d.delete)
+    deletes = verdicts + kept
     # OVS's strict modify keeps a flow's old cookie: a flow that changes owner is re-added
     # (an add on an existing key replaces it in place, counters kept).
-    modifies = sorted((new for old, new in d.modify if old.cookie == new.cookie), key=_order)
-    recookied = sorted((new for old, new in d.modify if old.cookie != new.cookie), key=_order)
-    adds = sorted(d.add, key=lambda f: (_is_verdict(f), f.table, -f.priority))
+    modifies = _ordered(new for old, new in d.modify if old.cookie == new.cookie)
+    recookied = _ordered(new for old, new in d.modify if old.cookie != new.cookie)
+    clauses, verdicts = _clauses_and_verdicts(d.add)
+    adds = clauses + verdicts
+    delete, modify, add = OpKind.DELETE, OpKind.MODIFY, OpKind.ADD
     return (
-        tuple(FlowOp(OpKind.DELETE, f) for f in deletes)
-        + tuple(FlowOp(OpKind.MODIFY, f) for f in modifies)
-        + tuple(FlowOp(OpKind.ADD, f) for f in recookied)
-        + tuple(FlowOp(OpKind.ADD, f) for f in adds)
+        tuple([FlowOp(delete, f) for f in deletes])
+        + tuple([FlowOp(modify, f) for f in modifies])
+        + tuple([FlowOp(add, f) for f in recookied + adds])
     )
 
 
@@ -100,11 +118,13 @@ def apply_plan(installed: Iterable[FlowSpec], ops: Iterable[FlowOp]) -> frozense
 def apply_to_table(installed: FlowTable, ops: Iterable[FlowOp]) -> dict[FlowKey, FlowSpec]:
     """A new table: `installed` after `ops` (`installed` itself is left as it was)."""
     table = dict(installed)
+    pop, delete = table.pop, OpKind.DELETE
     for op in ops:
-        if op.kind is OpKind.DELETE:
-            table.pop(op.flow.key, None)
+        flow = op.flow
+        if op.kind is delete:
+            pop(flow.key, None)
         else:
-            table[op.flow.key] = op.flow
+            table[flow.key] = flow
     return table
 
 

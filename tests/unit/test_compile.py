@@ -132,6 +132,23 @@ def test_diff_and_plan_reach_the_desired_table() -> None:
     assert kinds == sorted(kinds, key=[OpKind.DELETE, OpKind.MODIFY, OpKind.ADD].index)
 
 
+@pytest.mark.parametrize("example", ["finance-identity.yaml", "three-tier.yaml"])
+def test_a_compiled_table_has_one_flow_per_key(example: str) -> None:
+    """diff() takes an empty bridge's desired table as it is: it must not name a key twice."""
+    sc = load_scenario(Path(__file__).resolve().parents[2] / "examples" / example)
+    world = World(sc.inventory, compute_members(sc.groups, sc.inventory.vms.values()), sc.policy)
+    for hv in sc.inventory.hypervisors:
+        flows = compile_bridge(world, hv)
+        assert len({f.key for f in flows}) == len(flows)
+
+
+def test_diff_into_an_empty_bridge_adds_the_desired_table() -> None:
+    new = compile_bridge(_world(3, 3), "hv1")
+    d = diff(new, {})
+    assert d.add == new and not d.modify and not d.delete
+    assert apply_plan(frozenset(), plan(d)) == new
+
+
 def test_plan_adds_conj_id_flow_after_its_clauses_and_deletes_it_first() -> None:
     new = compile_bridge(_world(2, 2), "hv1")
     adds = [op.flow for op in plan(diff(new, frozenset()))]
