@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -63,6 +64,12 @@ LOG = logging.getLogger("goldilocks.southbound")
 
 NX_VENDOR_ID = 0x00002320
 NXT_CT_FLUSH_ZONE = 29
+# Shapes of a committed bundle are learnt this many flows (about a millisecond) at a time, with
+# a short sleep between batches: the engine thread, which has the BundleCommitted just posted to
+# process, takes the GIL then. (A sleep(0) hands it over too rarely: the releasing thread
+# usually takes it straight back.)
+LEARN_BATCH = 500
+LEARN_PAUSE_S = 0.0005
 
 
 class Sink(Protocol):
@@ -258,7 +265,10 @@ class GoldilocksApp(app_manager.OSKenApp):
         if step.post is not None:
             self.sink.post(step.post)
         if step.learn:
-            shapes = {flow_shape(op.flow) for op in step.learn}
+            shapes: set[Shape] = set()
+            for start in range(0, len(step.learn), LEARN_BATCH):
+                shapes.update([flow_shape(op.flow) for op in step.learn[start:start + LEARN_BATCH]])
+                time.sleep(LEARN_PAUSE_S)
             with self._lock:
                 sw = self._switches.get(dp.id)
                 if sw is not None and sw.datapath is dp:

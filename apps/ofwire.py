@@ -410,20 +410,15 @@ _PREREQUISITE_FIELDS = frozenset({"eth_type", "ip_proto"})
 Shape = tuple[int, tuple[tuple[str, Any], ...], tuple[tuple[Any, ...], ...]]
 
 
-def _action_shape(action: Action) -> tuple[Any, ...]:
-    if isinstance(action, Output):
-        return ("output", action.port >= _of14.OFPP_MAX)
-    if isinstance(action, SetField):
-        return ("set_field", action.field)
-    if isinstance(action, Move):
-        return ("move", action.src, action.dst)
-    if isinstance(action, Ct):
-        return ("ct", action.zone_field, action.commit, action.table, action.set_mark is not None)
-    if isinstance(action, Conjunction):
-        return ("conjunction", action.clause, action.n_clauses)
-    if isinstance(action, GotoTable):
-        return ("goto_table", action.table)
-    return (type(action).__name__,)
+_ACTION_SHAPES: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    Output: lambda a: ("output", a.port >= _of14.OFPP_MAX),
+    OutputInPort: lambda a: ("output_in_port",),
+    SetField: lambda a: ("set_field", a.field),
+    Move: lambda a: ("move", a.src, a.dst),
+    Ct: lambda a: ("ct", a.zone_field, a.commit, a.table, a.set_mark is not None),
+    Conjunction: lambda a: ("conjunction", a.clause, a.n_clauses),
+    GotoTable: lambda a: ("goto_table", a.table),
+}
 
 
 def flow_shape(flow: FlowSpec) -> Shape:
@@ -431,10 +426,12 @@ def flow_shape(flow: FlowSpec) -> Shape:
     (masked or not, with the values of prerequisite fields), and its actions without their
     addresses, ports, ids or register values. Open vSwitch refuses a flow mod for its form
     (prerequisites, datapath features such as conntrack, action consistency), and a form it
-    accepted once it accepts again."""
-    fields = tuple((f.name, f.value if f.name in _PREREQUISITE_FIELDS else f.mask is not None)
-                   for f in flow.match.fields)
-    return flow.table, fields, tuple(_action_shape(a) for a in flow.actions)
+    accepted once it accepts again. (Written for speed: the app learns the shapes of every
+    flow of a committed bundle, 10k flows after a first install.)"""
+    prerequisites = _PREREQUISITE_FIELDS
+    fields = tuple([(f.name, f.value) if f.name in prerequisites else (f.name, f.mask is not None)
+                    for f in flow.match.fields])
+    return flow.table, fields, tuple([_ACTION_SHAPES[type(a)](a) for a in flow.actions])
 
 
 def encode_commit(version: int, bundle_id: int, xids: BundleXids) -> bytes:
