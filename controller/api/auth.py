@@ -43,7 +43,8 @@ def allow(*roles: Role) -> Callable[..., Principal]:
     """A dependency: the authenticated principal, if its role is one of `roles`."""
     allowed = tuple(dict.fromkeys(roles))
 
-    def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    # Async: it does no I/O, so it runs on the event loop rather than in a worker thread.
+    async def check(principal: Annotated[Principal, Depends(authenticate)]) -> Principal:
         if principal.role not in allowed:
             names = [r.value for r in allowed]
             needed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"

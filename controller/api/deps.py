@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import Request
+from fastapi import Depends, Request
 
 from controller.api.port import ControllerPort
 from controller.store import Store
@@ -24,3 +25,12 @@ def services_of(request: Request) -> Services:
 
 def store_of(request: Request) -> Store:
     return services_of(request).store
+
+
+async def services(request: Request) -> Services:
+    """`services_of` as a dependency. Async because it does no I/O: FastAPI runs a sync
+    dependency in a worker thread, a hand-over each way for every request."""
+    return services_of(request)
+
+
+Svc = Annotated[Services, Depends(services)]

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Path
 from controller.api import convert
 from controller.api import schemas as s
 from controller.api.auth import READ, RELAY, WRITE, allow, forbidden
-from controller.api.deps import Services, services_of
+from controller.api.deps import Services, Svc
 from controller.api.errors import Unprocessable
 from controller.api.routes_inventory import find_vm
 from controller.events import (
@@ -32,7 +32,6 @@ router = APIRouter(tags=["context"])
 Reader = Annotated[Principal, Depends(allow(*READ))]
 Writer = Annotated[Principal, Depends(allow(*WRITE))]
 Relay = Annotated[Principal, Depends(allow(*RELAY))]
-Svc = Annotated[Services, Depends(services_of)]
 
 MAX_FUTURE = 300.0  # seconds of clock skew tolerated in observed_at
 EDR_POSTURE = {"clean": "pass", "suspicious": "fail", "malicious": "fail"}  # unknown: no fact

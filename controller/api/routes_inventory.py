@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from controller.api import convert
 from controller.api import schemas as s
 from controller.api.auth import READ, WRITE, allow
-from controller.api.deps import Services, services_of
+from controller.api.deps import Services, Svc
 from controller.api.errors import Unprocessable
 from controller.events import (
     GatewayChanged,
@@ -27,7 +27,6 @@ from controller.store.records import Principal
 router = APIRouter(tags=["inventory"])
 Reader = Annotated[Principal, Depends(allow(*READ))]
 Writer = Annotated[Principal, Depends(allow(*WRITE))]
-Svc = Annotated[Services, Depends(services_of)]
 
 
 def _hv_out(hv: Hypervisor) -> s.HypervisorOut:

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from controller.api import convert
 from controller.api import schemas as s
 from controller.api.auth import ADMIN, AUDIT, READ, allow
-from controller.api.deps import Services, services_of
+from controller.api.deps import Services, Svc
 from controller.api.errors import Unprocessable
 from controller.cli import explanation_json
 from controller.model import normalize_ipv4
@@ -21,7 +21,6 @@ router = APIRouter()
 Reader = Annotated[Principal, Depends(allow(*READ))]
 Admin = Annotated[Principal, Depends(allow(*ADMIN))]
 Auditor = Annotated[Principal, Depends(allow(*AUDIT))]
-Svc = Annotated[Services, Depends(services_of)]
 
 
 # ---- explain --------------------------------------------------------------------------------

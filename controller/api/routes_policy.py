@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from controller.api import convert
 from controller.api import schemas as s
 from controller.api.auth import READ, WRITE, allow
-from controller.api.deps import Services, services_of
+from controller.api.deps import Services, Svc
 from controller.api.errors import rejected
 from controller.api.routes_inventory import find_vm
 from controller.events import PolicyChanged
@@ -20,7 +20,6 @@ from controller.store.records import PolicyRevision, Principal, RevisionState
 router = APIRouter(tags=["policy"])
 Reader = Annotated[Principal, Depends(allow(*READ))]
 Writer = Annotated[Principal, Depends(allow(*WRITE))]
-Svc = Annotated[Services, Depends(services_of)]
 PUBLISHED = (RevisionState.ACTIVE, RevisionState.ARCHIVED)
 
 
