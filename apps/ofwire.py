@@ -148,20 +148,21 @@ def _ct(ct: Ct) -> bytes:
     return _nx(nicira_ext.NXAST_CT, body + inner)
 
 
+_ACTION_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    Output: lambda a: _output(a.port),
+    OutputInPort: lambda a: _output(_of14.OFPP_IN_PORT),
+    SetField: lambda a: _set_field(a.field, a.value),
+    Move: _move,
+    Ct: _ct,
+    Conjunction: _conjunction,
+}
+
+
 def encode_action(action: Action) -> bytes:
-    if isinstance(action, Output):
-        return _output(action.port)
-    if isinstance(action, OutputInPort):
-        return _output(_of14.OFPP_IN_PORT)
-    if isinstance(action, SetField):
-        return _set_field(action.field, action.value)
-    if isinstance(action, Move):
-        return _move(action)
-    if isinstance(action, Ct):
-        return _ct(action)
-    if isinstance(action, Conjunction):
-        return _conjunction(action)
-    raise TypeError(f"cannot encode {action!r} as an action")
+    encode = _ACTION_ENCODERS.get(type(action))
+    if encode is None:
+        raise TypeError(f"cannot encode {action!r} as an action")
+    return encode(action)
 
 
 _INSTRUCTION_ACTIONS = struct.Struct("!HH4x")
@@ -185,27 +186,25 @@ class _Cache(dict[Any, bytes]):
         return value
 
 
-_INSTRUCTIONS = _Cache(1 << 14)
-
-
 def encode_instructions(actions: tuple[Action, ...]) -> bytes:
-    """Cached: many flows share one action list (a rule's clauses, a port's pipeline steps)."""
-    cached = _INSTRUCTIONS.get(actions)
-    return cached if cached is not None else _INSTRUCTIONS.keep(actions, _instructions(actions))
-
-
-def _instructions(actions: tuple[Action, ...]) -> bytes:
-    """apply_actions, then goto_table last; no actions at all is a drop: no instructions."""
-    goto = [a for a in actions if isinstance(a, GotoTable)]
-    if len(goto) > 1 or (goto and actions[-1] is not goto[0]):
-        raise ValueError(f"goto_table must be the single last action: {actions!r}")
-    applied = b"".join([encode_action(a) for a in actions if not isinstance(a, GotoTable)])
+    """apply_actions, then goto_table last; no actions at all is a drop: no instructions. Not
+    cached by itself: hashing a tuple of action dataclasses by value runs Python code per action
+    and costs as much as encoding it (the flow-mod body cache covers a flow sent again)."""
+    applied: list[bytes] = []
+    goto: GotoTable | None = None
+    for action in actions:
+        if goto is not None:
+            raise ValueError(f"goto_table must be the single last action: {actions!r}")
+        if type(action) is GotoTable:
+            goto = action
+        else:
+            applied.append(encode_action(action))
     out = b""
     if applied:
-        length = _INSTRUCTION_ACTIONS.size + len(applied)
-        out = _INSTRUCTION_ACTIONS.pack(_of14.OFPIT_APPLY_ACTIONS, length) + applied
-    if goto:
-        out += _GOTO_TABLE.pack(_of14.OFPIT_GOTO_TABLE, _GOTO_TABLE.size, goto[0].table)
+        data = b"".join(applied)
+        out = _INSTRUCTION_ACTIONS.pack(_of14.OFPIT_APPLY_ACTIONS, _INSTRUCTION_ACTIONS.size + len(data)) + data
+    if goto is not None:
+        out += _GOTO_TABLE.pack(_of14.OFPIT_GOTO_TABLE, _GOTO_TABLE.size, goto.table)
     return out
 
 
@@ -215,23 +214,21 @@ def _instructions(actions: tuple[Action, ...]) -> bytes:
 # idle_timeout, hard_timeout, priority, buffer_id, out_port, out_group, flags, importance (1.4;
 # pad in 1.3; 0 in both).
 _FLOW_MOD = struct.Struct("!QQBBHHHIIIHH")
-_COMMANDS = {OpKind.ADD: _of14.OFPFC_ADD, OpKind.MODIFY: _of14.OFPFC_MODIFY_STRICT,
-             OpKind.DELETE: _of14.OFPFC_DELETE_STRICT}
-
-
+_ADD, _MODIFY, _DELETE = OpKind.ADD, OpKind.MODIFY, OpKind.DELETE
 _BODIES: dict[OpKind, _Cache] = {kind: _Cache(BODY_CACHE_SIZE) for kind in OpKind}
+_ADD_BODIES, _MODIFY_BODIES, _DELETE_BODIES = _BODIES[_ADD], _BODIES[_MODIFY], _BODIES[_DELETE]
 
 
 def flow_mod_body(kind: OpKind, flow: FlowSpec) -> bytes:
-    """Everything of the flow mod for `kind` of `flow` after its ofp_header, cached by spec."""
-    cache = _BODIES[kind]
+    """Everything of the flow mod for `kind` of `flow` after its ofp_header, cached by spec.
+    (Kinds are told apart by identity: an Enum's hash is Python code, run per flow.)"""
+    cache = _ADD_BODIES if kind is _ADD else _MODIFY_BODIES if kind is _MODIFY else _DELETE_BODIES
     body = cache.get(flow)  # one hash of the spec to find it, one more to keep a new one
     return body if body is not None else cache.keep(flow, _flow_mod_body(kind, flow))
 
 
 def clear_caches() -> None:
     """Forget every encoding (benchmarks measure a cold install with it)."""
-    _INSTRUCTIONS.clear()
     for cache in _BODIES.values():
         cache.clear()
 
@@ -239,10 +236,12 @@ def clear_caches() -> None:
 def _flow_mod_body(kind: OpKind, flow: FlowSpec) -> bytes:
     """Same semantics as ofcodec.flow_mod: permanent, no buffer, flags 0, cookie_mask 0
     (strict modify/delete go by key alone)."""
-    head = _FLOW_MOD.pack(flow.cookie, 0, flow.table, _COMMANDS[kind], 0, 0, flow.priority,
+    command = (_of14.OFPFC_ADD if kind is _ADD else
+               _of14.OFPFC_MODIFY_STRICT if kind is _MODIFY else _of14.OFPFC_DELETE_STRICT)
+    head = _FLOW_MOD.pack(flow.cookie, 0, flow.table, command, 0, 0, flow.priority,
                           _of14.OFP_NO_BUFFER, _of14.OFPP_ANY, _of14.OFPG_ANY, 0, 0)
     body = head + encode_match(flow.match)
-    return body if kind is OpKind.DELETE else body + encode_instructions(flow.actions)
+    return body if kind is _DELETE else body + encode_instructions(flow.actions)
 
 
 # ---- bundles ----------------------------------------------------------------------------------
