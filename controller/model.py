@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
+from typing import Any
 
 
 class Provenance(str, Enum):
@@ -121,7 +122,31 @@ class VM:
         }
 
     def values(self, attr: Attr, key: str = "") -> tuple[Fact, ...]:
-        return tuple(sorted(f for f in self.all_facts() if f.attr == attr and f.key == key))
+        """The facts of one attribute (and key), sorted."""
+        return self._facts_by("key").get((attr, key), ())
+
+    def facts_of(self, attr: Attr) -> tuple[Fact, ...]:
+        """Every fact of one attribute whatever its key, sorted."""
+        return self._facts_by("attr").get(attr, ())
+
+    # Every group's selector asks every VM for its facts (11 groups x 1000 VMs at boot): the VM
+    # is a frozen value, so its facts are sorted and grouped once, kept beside its fields (not
+    # one of them: equality, hashing and repr ignore it, and a replace() starts without it).
+    def _facts_by(self, grouping: str) -> dict[Any, tuple[Fact, ...]]:
+        index = self.__dict__.get("_facts_index")
+        if index is None:
+            by_key: dict[tuple[Attr, str], list[Fact]] = {}
+            by_attr: dict[Attr, list[Fact]] = {}
+            for f in sorted(self.all_facts()):
+                by_key.setdefault((f.attr, f.key), []).append(f)
+                by_attr.setdefault(f.attr, []).append(f)
+            index = {"key": {k: tuple(v) for k, v in by_key.items()},
+                     "attr": {k: tuple(v) for k, v in by_attr.items()}}
+            object.__setattr__(self, "_facts_index", index)
+        return index[grouping]  # type: ignore[no-any-return]
+
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "_facts_index"}
 
     def app_ports(self, app: str) -> tuple[Port, ...]:
         """Ports `app` listens on here, from the APP facts (value "tcp/5432,udp/53")."""

@@ -396,8 +396,7 @@ def _candidates(term: Term, vm: VM) -> tuple[tuple[Fact, str], ...]:
     """The facts a term looks at, each with the string it compares."""
     if term.attr is Attr.APP:
         # Unkeyed `app` is the set of running app names, which APP facts hold in their key.
-        facts = sorted(f for f in vm.all_facts() if f.attr is Attr.APP)
-        return tuple((f, f.key) for f in facts)
+        return tuple((f, f.key) for f in vm.facts_of(Attr.APP))
     return tuple((f, f.value) for f in vm.values(term.attr, term.key))
 
 

@@ -31,3 +31,23 @@ def test_a_guest_cannot_widen_an_app_rule_to_every_port() -> None:
     claim = Fact(Attr.APP, "postgres", "any,icmp,tcp/5432,garbage", Provenance.GUEST)
     vm = VM("u", "db", "hv1", (), frozenset({claim}))
     assert vm.app_ports("postgres") == (Port("tcp", 5432, 5432),)
+
+
+def test_a_vms_facts_are_indexed_per_value_not_shared_by_a_replaced_copy() -> None:
+    """values() keeps a sorted index on the VM; a replace() must see its own facts, and the
+    index must not take part in equality or hashing."""
+    from dataclasses import replace
+
+    tag = Fact(Attr.TAG, "role", "desktop", Provenance.PLATFORM)
+    vm = VM("u1", "desk1", "hv1", facts=frozenset({tag}))
+    twin = VM("u1", "desk1", "hv1", facts=frozenset({tag}))
+    assert vm.values(Attr.TAG, "role") == (tag,)
+    assert vm.values(Attr.NAME) == (Fact(Attr.NAME, "", "desk1", Provenance.PLATFORM),)
+    assert vm == twin and hash(vm) == hash(twin)
+
+    app = Fact(Attr.APP, "postgres", "tcp/5432", Provenance.GUEST)
+    other = Fact(Attr.TAG, "role", "admin", Provenance.GUEST)
+    changed = replace(vm, facts=vm.facts | {app, other})
+    assert changed.values(Attr.TAG, "role") == tuple(sorted((tag, other)))
+    assert changed.facts_of(Attr.APP) == (app,)
+    assert vm.values(Attr.TAG, "role") == (tag,) and vm.facts_of(Attr.APP) == ()
