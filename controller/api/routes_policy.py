@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
@@ -14,6 +15,9 @@ from controller.api.deps import Services, Svc
 from controller.api.errors import rejected
 from controller.api.routes_inventory import find_vm
 from controller.events import PolicyChanged
+from controller.identity.groups import GroupDef
+from controller.policy.schema import Policy
+from controller.policy.validate import Problem
 from controller.store import NotFound
 from controller.store.records import PolicyRevision, Principal, RevisionState
 
@@ -30,8 +34,21 @@ def _draft(svc: Services) -> PolicyRevision:
     return draft
 
 
-def _activated(svc: Services, revision: PolicyRevision) -> s.RevisionOut:
-    policy, groups = convert.active_policy(revision)
+class _Checked:
+    """The check a publish or revert runs inside its write transaction, keeping what it parsed:
+    the engine gets the very policy that was checked, without parsing the document again."""
+
+    def __init__(self) -> None:
+        self.parsed: tuple[Policy, dict[str, GroupDef]] | None = None
+
+    def __call__(self, document: Mapping[str, Any]) -> list[Problem]:
+        policy, groups, problems = convert.parse_document(document)
+        self.parsed = (policy, groups) if policy is not None else None
+        return problems
+
+
+def _activated(svc: Services, revision: PolicyRevision, checked: _Checked) -> s.RevisionOut:
+    policy, groups = checked.parsed if checked.parsed is not None else convert.active_policy(revision)
     svc.controller.submit(PolicyChanged(policy, groups))
     return convert.revision_out(revision)
 
@@ -88,13 +105,15 @@ def whatif_draft(who: Reader, svc: Svc) -> s.WhatIfOut | JSONResponse:
 @router.post("/policy/draft/publish", response_model=s.RevisionOut,
              summary="Validate and activate the draft; the switches follow")
 def publish_draft(who: Writer, svc: Svc) -> s.RevisionOut:
-    return _activated(svc, svc.store.publish_draft(actor=who.name, check=convert.check_document))
+    checked = _Checked()
+    return _activated(svc, svc.store.publish_draft(actor=who.name, check=checked), checked)
 
 
 @router.post("/policy/revert", response_model=s.RevisionOut,
              summary="Activate a copy of an earlier revision (as a new revision)")
 def revert(body: s.RevertIn, who: Writer, svc: Svc) -> s.RevisionOut:
-    return _activated(svc, svc.store.revert_to(body.revision, actor=who.name, check=convert.check_document))
+    checked = _Checked()
+    return _activated(svc, svc.store.revert_to(body.revision, actor=who.name, check=checked), checked)
 
 
 @router.get("/policy/history", response_model=list[s.HistoryEntry],
