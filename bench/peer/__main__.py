@@ -120,9 +120,7 @@ def _behind_change(n: int, key: str, label: str, target: float, g: dict[str, Any
     sent = g[key].get("bundle_sent_median_ms", nan)
     engine = g.get("engine_in_process", {}).get(f"{key}_ms", nan)
     switch = total - sent
-    largest = ("OVS applying the bundle (an OpenFlow echo on this bridge is far quicker, so the time is its "
-               "handling of the flow changes, which grows with the ports on the bridge; see the install floor)"
-               if switch > sent else
+    largest = (f"OVS applying the bundle ({_passes(g[key].get('flow_mods'), switch)})" if switch > sent else
                f"request handling and the store ({STORE_WORK[key]})")
     return (f"- N={n:,}, {label}: {total:.0f} ms against OVN's {o[key]['median_ms']:.0f} ms (target ≤ {target:g}×). "
             f"The bundle is sent at {sent:.0f} ms (the API call returns at {api:.0f} ms; the engine's recompute, "
@@ -130,6 +128,23 @@ def _behind_change(n: int, key: str, label: str, target: float, g: dict[str, Any
             f"{STORE_WORK[key]}); from the bundle sent to the flows on the bridge, OVS takes {switch:.0f} ms "
             f"(one OpenFlow echo round trip on this bridge: {fmt_value(g.get('switch_echo', {}).get('median_ms'), 'ms')} ms). "
             f"Largest share: {largest}.")
+
+
+# ofproto/connmgr.c, ofconn_run(): ovs-vswitchd reads at most this many OpenFlow messages from one
+# connection per pass of its main loop, and each add of a bundle is a message of its own.
+OVS_MESSAGES_PER_PASS = 50
+
+
+def _passes(flow_mods: int | None, switch_ms: float) -> str:
+    """Why the switch's part takes what it does: the passes of its main loop the bundle needs."""
+    if not flow_mods:
+        return ("an OpenFlow echo on this bridge is far quicker, so the time is its handling of the flow changes, "
+                "which grows with the ports on the bridge; see the install floor")
+    passes = -(-(flow_mods + 2) // OVS_MESSAGES_PER_PASS)  # the adds, the open and the commit
+    return (f"{flow_mods:,} flow mods; ovs-vswitchd reads at most {OVS_MESSAGES_PER_PASS} OpenFlow messages from a "
+            f"connection per pass of its main loop (ofconn_run in ofproto/connmgr.c), so at least {passes} passes, "
+            f"about {switch_ms / passes:.1f} ms each on this bridge, while an OpenFlow echo, one message, is "
+            "answered within one pass: a pass costs more the more ports the bridge has (see the install floor)")
 
 
 def _behind_one(n: int, g: dict[str, Any], o: dict[str, Any]) -> list[str]:

@@ -27,8 +27,8 @@ from bench.peer.common import (
     BenchError,
     BridgeWatch,
     FlowCount,
-    echo_round_trip,
     Summary,
+    echo_round_trip,
     flow_count,
     flow_lines,
     netns,
@@ -53,6 +53,7 @@ HYPERVISOR = "hv1"
 DPID = 1
 TOKEN = "bench-peer-admin-token-0123456789abcdef"
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_FLOW_MODS = re.compile(r"with (\d+) flow mods")
 
 
 def _ids(vm: Vm) -> dict[str, str]:
@@ -167,13 +168,17 @@ class GoldLab:
 
     def log_times(self, pattern: str, after: float) -> list[float]:
         """Wall-clock times of this run's log lines containing `pattern`, at or after `after`."""
+        return [t for t, _ in self.log_lines(pattern, after)]
+
+    def log_lines(self, pattern: str, after: float) -> list[tuple[float, str]]:
+        """(wall-clock time, line) of this run's log lines containing `pattern`, at or after `after`."""
         out = []
         for line in self.log().splitlines():
             stamp = _LOG_TIME.match(line)
             if stamp and pattern in line:
                 t = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
                 if t >= after - 0.001:
-                    out.append(t)
+                    out.append((t, line))
         return out
 
     def synced_since(self, wall: float) -> None:
@@ -252,7 +257,7 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
     """Each repetition: API call(s) → the change's last flow event on the bridge (confirmed by
     the marker flow and the flow count); the log splits it into API, bundle sent and in sync."""
     forward, back = learn(lab, change)
-    total, api, bundle, in_sync = [], [], [], []
+    total, api, bundle, in_sync, flow_mods = [], [], [], [], []
     with BridgeWatch(lab.ovs, BRIDGE) as watch:
         for _ in range(reps):
             change.prepare()
@@ -263,7 +268,9 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
             if not lab.marked(forward):  # the burst was not the whole change: wait for it, count that
                 last = poll("the change on the bridge", lab.alive(lambda: lab.marked(forward)))
             total.append(last - start)
-            bundle += [t - wall for t in lab.log_times(": bundle ", wall)[:1]]
+            sent = lab.log_lines(": bundle ", wall)[:1]
+            bundle += [t - wall for t, _ in sent]
+            flow_mods += [int(m.group(1)) for _, line in sent if (m := _FLOW_MODS.search(line))]
             in_sync += [t - wall for t in lab.log_times("in sync", wall)[:1]]
             change.prepare_revert()
             change.revert()
@@ -273,6 +280,8 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
     for key, values in (("bundle_sent_median_ms", bundle), ("in_sync_median_ms", in_sync)):
         if values:
             out[key] = round(Summary.of(values).median * 1000, 1)
+    if flow_mods:
+        out["flow_mods"] = int(Summary.of(flow_mods).median)
     return out
 
 

@@ -43,6 +43,9 @@ def test_one_json_line_per_system_with_every_field(records: list[dict]) -> None:
             assert r[key]["n"] == 1 and r[key]["median_ms"] > 0, (r["system"], key)
         assert r["flows"]["total"] > r["flows"]["without_policy"] > 0
         assert r["rss_kib"]["total"] > 0
+    gold = next(r for r in records if r["system"] == "goldilocks")
+    for key in ("membership_change", "rule_added"):  # read from the controller's "bundle ... with N flow mods"
+        assert gold[key]["flow_mods"] > 0, key
 
 
 def test_both_systems_enforce_the_policy(records: list[dict]) -> None:
