@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
 
 
 class Provenance(str, Enum):
@@ -103,6 +102,23 @@ class Hypervisor:
 
 
 @dataclass(frozen=True)
+class _FactIndex:
+    """A VM's facts, sorted, by (attribute, key) and by attribute."""
+
+    by_key: Mapping[tuple[Attr, str], tuple[Fact, ...]]
+    by_attr: Mapping[Attr, tuple[Fact, ...]]
+
+    @staticmethod
+    def of(facts: Iterable[Fact]) -> _FactIndex:
+        by_key: dict[tuple[Attr, str], list[Fact]] = {}
+        by_attr: dict[Attr, list[Fact]] = {}
+        for f in sorted(facts):
+            by_key.setdefault((f.attr, f.key), []).append(f)
+            by_attr.setdefault(f.attr, []).append(f)
+        return _FactIndex({k: tuple(v) for k, v in by_key.items()}, {k: tuple(v) for k, v in by_attr.items()})
+
+
+@dataclass(frozen=True)
 class VM:
     uuid: str
     name: str
@@ -123,27 +139,21 @@ class VM:
 
     def values(self, attr: Attr, key: str = "") -> tuple[Fact, ...]:
         """The facts of one attribute (and key), sorted."""
-        return self._facts_by("key").get((attr, key), ())
+        return self._indexed_facts().by_key.get((attr, key), ())
 
     def facts_of(self, attr: Attr) -> tuple[Fact, ...]:
         """Every fact of one attribute whatever its key, sorted."""
-        return self._facts_by("attr").get(attr, ())
+        return self._indexed_facts().by_attr.get(attr, ())
 
     # Every group's selector asks every VM for its facts (11 groups x 1000 VMs at boot): the VM
     # is a frozen value, so its facts are sorted and grouped once, kept beside its fields (not
     # one of them: equality, hashing and repr ignore it, and a replace() starts without it).
-    def _facts_by(self, grouping: str) -> dict[Any, tuple[Fact, ...]]:
+    def _indexed_facts(self) -> _FactIndex:
         index = self.__dict__.get("_facts_index")
         if index is None:
-            by_key: dict[tuple[Attr, str], list[Fact]] = {}
-            by_attr: dict[Attr, list[Fact]] = {}
-            for f in sorted(self.all_facts()):
-                by_key.setdefault((f.attr, f.key), []).append(f)
-                by_attr.setdefault(f.attr, []).append(f)
-            index = {"key": {k: tuple(v) for k, v in by_key.items()},
-                     "attr": {k: tuple(v) for k, v in by_attr.items()}}
+            index = _FactIndex.of(self.all_facts())
             object.__setattr__(self, "_facts_index", index)
-        return index[grouping]  # type: ignore[no-any-return]
+        return index  # type: ignore[no-any-return]
 
     def __getstate__(self) -> dict[str, object]:
         return {k: v for k, v in self.__dict__.items() if k != "_facts_index"}

@@ -69,15 +69,15 @@ def _is_verdict(flow: FlowSpec) -> bool:
     return bool(fields) and fields[0].name == "conj_id"
 
 
+_PRIORITY, _TABLE = attrgetter("priority"), attrgetter("table")
+
+
 def _ordered(flows: Iterable[FlowSpec]) -> list[FlowSpec]:
     """By table, then priority from high to low. Within one priority the order carries no
     meaning, and comparing matches is slow; two stable sorts on attributes keep the keys in C."""
     out = sorted(flows, key=_PRIORITY, reverse=True)
     out.sort(key=_TABLE)
     return out
-
-
-_PRIORITY, _TABLE = attrgetter("priority"), attrgetter("table")
 
 
 def _clauses_and_verdicts(flows: Iterable[FlowSpec]) -> tuple[list[FlowSpec], list[FlowSpec]]:
