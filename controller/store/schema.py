@@ -12,10 +12,12 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     Double,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -190,3 +192,26 @@ class AuditRow(Base):
     after: Mapped[Any] = mapped_column(Json, nullable=True)  # None: nothing exists now
     outcome: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(Json)
+
+
+class StateGenerationRow(Base):
+    """One row: bumped by every write that can change flows, so a flow snapshot can tell whether
+    the state it was compiled from is still the state (controller/flowsnap.py)."""
+
+    __tablename__ = "state_generation"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class FlowSnapshotRow(Base):
+    __tablename__ = "flow_snapshots"
+
+    dpid: Mapped[str] = mapped_column(String(20), primary_key=True)  # decimal text, as in hypervisors
+    generation: Mapped[int] = mapped_column(BigInteger)
+    config_digest: Mapped[str] = mapped_column(String(64))
+    ports: Mapped[str] = mapped_column(Text)  # JSON [[ofport, name], ...]
+    valid_until: Mapped[float | None] = mapped_column(Double)
+    taken_at: Mapped[float] = mapped_column(Double)
+    flow_mods: Mapped[bytes] = mapped_column(LargeBinary)

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, insert, select, text
+from sqlalchemy import Engine, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from controller.flowsnap import FlowSnapshot, encode_ports, pack_flow_mods
 from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Inventory, Provenance, VNic
 from controller.policy.validate import Problem
 from controller.scenario import Scenario
@@ -40,10 +41,12 @@ from controller.store.schema import (
     ContextRow,
     DirectoryMembershipRow,
     DirectoryUserRow,
+    FlowSnapshotRow,
     HypervisorRow,
     PrincipalRow,
     RevisionRow,
     SettingRow,
+    StateGenerationRow,
     TagRow,
     VmRow,
     VnicIpRow,
@@ -80,12 +83,18 @@ class Store:
             yield session
 
     @contextmanager
-    def _write(self) -> Iterator[Session]:
+    def _write(self, *, flows: bool = True) -> Iterator[Session]:
+        """One write transaction. Unless the caller says its write cannot change any flow
+        (`flows=False`: principals, drafts, audit entries, snapshots), it bumps the state
+        generation, which a flow snapshot is checked against: a path that forgets to say
+        so costs a restore, never lets a stale one through."""
         with self._lock, Session(self._writer, expire_on_commit=False) as session:
             try:
                 with session.begin():
                     if self._postgres:
                         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": WRITE_LOCK})
+                    if flows:
+                        _bump_generation(session)
                     yield session
             except IntegrityError as exc:
                 # The checks should have caught it; the constraint is the last line of defence.
@@ -104,7 +113,7 @@ class Store:
     # ---- principals ------------------------------------------------------------------------
 
     def bootstrap_admin(self, token: str | None = None) -> str | None:
-        with self._write() as session:
+        with self._write(flows=False) as session:
             if session.scalar(select(func.count()).select_from(PrincipalRow)):
                 return None
             plaintext, hashed = (token, tokens.chosen(token)) if token else tokens.generate()
@@ -118,7 +127,7 @@ class Store:
     ) -> tuple[Principal, str]:
         role = Role(role)
         _principal_args(name, role, hypervisor)
-        with self._write() as session:
+        with self._write(flows=False) as session:
             if session.get(PrincipalRow, name) is not None:
                 raise Conflict(f"name {name}: already used by a principal")
             plaintext, hashed = tokens.generate()
@@ -162,7 +171,7 @@ class Store:
             return [codec.principal_of(r) for r in rows]
 
     def revoke_principal(self, name: str, *, actor: str) -> Principal:
-        with self._write() as session:
+        with self._write(flows=False) as session:
             row = session.get(PrincipalRow, name)
             if row is None:
                 raise NotFound(f"principal {name}: no such principal")
@@ -360,20 +369,24 @@ class Store:
         provenance = Provenance(provenance)
         checks.context_facts(facts, provenance)
         record = ContextRecord(uuid, provenance, frozenset(facts), actor, observed_at, expires_at)
-        with self._write() as session:
+        with self._write(flows=False) as session:
             checks.vm_row(session, uuid)
-            self._put_context(session, record, actor)
+            if self._put_context(session, record, actor):
+                _bump_generation(session)
         return record
 
-    def _put_context(self, session: Session, record: ContextRecord, actor: str) -> None:
+    def _put_context(self, session: Session, record: ContextRecord, actor: str) -> bool:
+        """Whether the claims changed (False: a heartbeat, which only moves the clock)."""
         row = session.get(ContextRow, (record.vm_uuid, record.provenance.value))
         before = None if row is None else codec.context_json(codec.context_of(row))
         if row is not None and _heartbeat(codec.context_of(row), record):
             # The same claims from the same reporter, still live: only the clock moves. An agent
             # heartbeats every few seconds; auditing each would bury the changes that matter.
+            # Nor does it bump the generation: a later expiry only makes a snapshot's
+            # valid_until (the earlier one) conservative.
             row.observed_at = record.observed_at
             row.expires_at = record.expires_at
-            return
+            return False
         if row is None:
             row = ContextRow(vm_uuid=record.vm_uuid, provenance=record.provenance.value)
             session.add(row)
@@ -383,6 +396,7 @@ class Store:
         row.expires_at = record.expires_at
         self._audit(session, actor, f"context.{record.provenance}", f"vm:{record.vm_uuid}",
                     before, codec.context_json(record))
+        return True
 
     def get_context(self, uuid: str) -> list[ContextRecord]:
         """Every source's record for the VM, expired ones included (load_state drops those)."""
@@ -443,7 +457,7 @@ class Store:
 
     def save_draft(self, document: Mapping[str, Any], *, actor: str, comment: str = "") -> PolicyRevision:
         doc = _document(document)
-        with self._write() as session:
+        with self._write(flows=False) as session:
             row = _revision_in(session, RevisionState.DRAFT)
             before = None if row is None else codec.revision_json(codec.revision_of(row))
             if row is None:
@@ -464,7 +478,7 @@ class Store:
         return draft
 
     def discard_draft(self, *, actor: str) -> PolicyRevision:
-        with self._write() as session:
+        with self._write(flows=False) as session:
             row = _revision_in(session, RevisionState.DRAFT)
             if row is None:
                 raise NotFound("draft: there is no draft policy")
@@ -562,7 +576,7 @@ class Store:
     def record_rejection(
         self, *, actor: str, action: str, target: str, why: str, details: Mapping[str, Any] | None = None
     ) -> None:
-        with self._write() as session:
+        with self._write(flows=False) as session:
             self._audit(session, actor, action, target, outcome=f"rejected: {why}", details=details)
 
     def quarantine_state(self) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
@@ -591,8 +605,30 @@ class Store:
 
     def record_event(self, *, actor: str, action: str, target: str, details: Mapping[str, Any]) -> None:
         """Something that happened without a stored change, e.g. what a context change did to flows."""
-        with self._write() as session:
+        with self._write(flows=False) as session:
             self._audit(session, actor, action, target, details=details)
+
+    # ---- flow snapshots (controller/flowsnap.py) --------------------------------------------
+
+    def snapshot_stamp(self, now: float, grace: float) -> tuple[int, float | None] | None:
+        """(state generation, first future context expiry) to stamp a snapshot taken now with,
+        in one read; None while a context expired less than `grace` seconds ago, which the
+        engine may not have applied yet (its flows would be in the snapshot)."""
+        with self._read() as session:
+            generation = session.scalar(select(StateGenerationRow.value).where(StateGenerationRow.id == 1))
+            expiry = ContextRow.expires_at
+            if session.scalar(select(func.count()).where(expiry > now - grace, expiry <= now)):
+                return None
+            return generation or 0, session.scalar(select(func.min(expiry)).where(expiry > now))
+
+    def store_flow_snapshot(self, snapshot: FlowSnapshot) -> None:
+        """Keep a bridge's snapshot (replacing its last); not a state change, nor audited: it is
+        derived from the audited state and is checked against it before any use."""
+        with self._write(flows=False) as session:
+            session.merge(FlowSnapshotRow(
+                dpid=str(snapshot.dpid), generation=snapshot.generation, config_digest=snapshot.config_digest,
+                ports=encode_ports(snapshot.ports), valid_until=snapshot.valid_until, taken_at=snapshot.taken_at,
+                flow_mods=pack_flow_mods(snapshot.flow_mods)))
 
     # ---- the engine's view -----------------------------------------------------------------
 
@@ -649,6 +685,11 @@ class Store:
 # ---- helpers --------------------------------------------------------------------------------
 
 QUARANTINE_KEY = "quarantine"
+
+
+def _bump_generation(session: Session) -> None:
+    session.execute(update(StateGenerationRow).where(StateGenerationRow.id == 1)
+                    .values(value=StateGenerationRow.value + 1))
 
 
 def _claims(facts: frozenset[Fact]) -> frozenset[tuple[object, ...]]:

@@ -105,10 +105,32 @@ def test_a_database_behind_the_head_is_upgraded(url: str, monkeypatch: pytest.Mo
     first.upsert_hypervisor(Hypervisor("hv1", 100, 1), actor="alice")
     first.close()
     upgraded: list[str] = []
-    monkeypatch.setattr(database, "script_head", lambda: "0002")  # as if a newer migration existed
+    newer = f"{int(_head()) + 1:04d}"
+    monkeypatch.setattr(database, "script_head", lambda: newer)  # as if a newer migration existed
     monkeypatch.setattr(database, "_upgrade", lambda engine: upgraded.append(engine.url.render_as_string()))
     Store(url).close()
     assert len(upgraded) == 1
+
+
+def test_a_database_of_the_first_schema_gains_flow_snapshots_and_keeps_its_data(url: str) -> None:
+    from alembic import command
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = open_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+        connection.execute(text("INSERT INTO hypervisors (name, uplink_ofport, dpid) VALUES ('hv1', 100, '1')"))
+    engine.dispose()
+    store = Store(url)  # 0001 -> head
+    try:
+        assert store.list_hypervisors() == [Hypervisor("hv1", 100, 1)]
+        assert store.snapshot_stamp(0.0, 5.0) == (0, None)
+        store.upsert_hypervisor(Hypervisor("hv2", 100, 2), actor="alice")
+        assert store.snapshot_stamp(0.0, 5.0) == (1, None)
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize(("scripts", "head"), [

@@ -1,0 +1,75 @@
+"""controller/flowsnap.py: when a stored flow table may go back onto a switch (only an empty
+one, with the same ports, database generation, configuration and unexpired contexts), the blob
+format, and that `goldilocks run` reaches the restorer without loading anything slow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from controller.flowsnap import (
+    FlowSnapshot,
+    flow_mod_message,
+    pack_flow_mods,
+    refusal,
+    sqlite_path,
+    unpack_flow_mods,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PORTS = frozenset({(1, "vnet0"), (2, "vnet1"), (100, "uplink0")})
+SNAP = FlowSnapshot(dpid=1, generation=7, config_digest="abc", ports=PORTS, valid_until=1000.0, taken_at=10.0,
+                    flow_mods=(flow_mod_message(b"\x00" * 40),))
+FITS = {"version": 5, "ports": PORTS, "flow_count": 0, "generation": 7, "digest": "abc", "now": 500.0}
+
+
+def test_a_snapshot_that_fits_the_switch_and_the_state_may_go_back() -> None:
+    assert refusal(SNAP, **FITS) is None  # type: ignore[arg-type]
+    assert refusal(replace(SNAP, valid_until=None), **{**FITS, "now": 1e12}) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"flow_count": 3}, "the bridge holds 3 flows"),
+    ({"version": 4}, "OpenFlow version 0x4"),
+    ({"generation": 8}, "the database changed since the snapshot (generation 7 -> 8)"),
+    ({"generation": None}, "the database changed"),
+    ({"digest": "abd"}, "the configuration file changed"),
+    ({"now": 1000.0}, "a context the snapshot relied on has expired"),
+    ({"ports": PORTS - {(2, "vnet1")}}, "ports changed since the snapshot (gone: 2 vnet1)"),
+    ({"ports": PORTS - {(2, "vnet1")} | {(2, "vnet9")}}, "(gone: 2 vnet1; new: 2 vnet9)"),
+])
+def test_anything_else_keeps_the_bridge_closed_for_the_controller_and_says_why(change: dict, reason: str) -> None:
+    found = refusal(SNAP, **{**FITS, **change})  # type: ignore[arg-type]
+    assert found is not None and reason in found
+
+
+def test_no_snapshot_is_refused_too() -> None:
+    assert refusal(None, **FITS) == "no flow snapshot for this bridge"  # type: ignore[arg-type]
+
+
+def test_flow_mods_pack_and_unpack_and_a_damaged_blob_is_named() -> None:
+    mods = (flow_mod_message(b"\x01" * 48), flow_mod_message(b"\x02" * 64))
+    blob = pack_flow_mods(mods)
+    assert unpack_flow_mods(blob) == mods
+    with pytest.raises(ValueError, match="cut at byte 128"):
+        unpack_flow_mods(blob + b"\x05\x0e")
+    with pytest.raises(ValueError, match="no OpenFlow 1.4 flow mod at byte 0"):
+        unpack_flow_mods(b"\x04" + blob[1:])
+
+
+def test_only_a_sqlite_file_has_snapshots() -> None:
+    assert sqlite_path("sqlite:////var/lib/goldilocks/g.db") == Path("/var/lib/goldilocks/g.db")
+    assert sqlite_path("sqlite:///:memory:") is None
+    assert sqlite_path("postgresql+psycopg://u@h/db") is None
+
+
+def test_goldilocks_run_reaches_the_restorer_before_anything_slow_is_imported() -> None:
+    probe = ("import sys; import controller.cli, controller.config, controller.warmstart; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'os_ken', 'sqlalchemy', 'networkx', 'ovs'}), "
+             "'controller.engine' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["[]", "False"]
