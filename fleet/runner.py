@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -32,6 +31,7 @@ import yaml
 from controller.model import Attr, Provenance
 from fleet.control import Controller, HypervisorLink, wait_for
 from fleet.matrix import Cell, Grid, Tally, expected_matrix, mismatches, render
+from fleet.options import add_controller_options
 from fleet.spec import Event, Simulation, SimulationError, Step, load_simulation
 from fleet.traffic import HeldConnection, Server, run_probes
 
@@ -327,24 +327,6 @@ def build_parser(prog: str = "run.py") -> argparse.ArgumentParser:
     p.add_argument("scenario", nargs="+", help="simulation files (mininet/scenarios/*.yaml)")
     add_controller_options(p)
     return p
-
-
-def add_controller_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--controller", metavar="HOST:PORT",
-                   help="use a running controller's OpenFlow listener instead of starting one")
-    p.add_argument("--api", metavar="URL", help="with --controller: its REST API (default http://HOST:8080)")
-    p.add_argument("--token", help="with --controller: an admin token (default $GOLDILOCKS_TOKEN)")
-    p.add_argument("--run-dir", metavar="DIR", type=Path,
-                   help="keep the run's files (OVS database and sockets, logs, configs) here instead of a "
-                        "temporary directory removed at the end")
-    p.add_argument("--prefix", type=_prefix, help="name prefix of the fleet's switches and interfaces, "
-                                                  "1-8 lower-case letters and digits (default: random)")
-
-
-def _prefix(text: str) -> str:
-    if not re.fullmatch(r"[a-z][a-z0-9]{0,7}", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: 1-8 lower-case letters and digits, starting with a letter")
-    return text
 
 
 def given_controller(args: argparse.Namespace) -> Controller | None:

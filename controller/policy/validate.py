@@ -26,17 +26,9 @@ from controller.policy.schema import (
     Rule,
     Service,
 )
+from controller.problems import Problem
 
 __all__ = ["Problem", "RuleDraft", "draft_of", "trusts_group", "validate_drafts", "validate_policy"]
-
-
-@dataclass(frozen=True, order=True)
-class Problem:
-    location: str  # e.g. "policy.rules[2].services[1]", "groups.finance-desktops"
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.message}"
 
 
 @dataclass(frozen=True)
