@@ -130,6 +130,18 @@ class GoldilocksApp(app_manager.OSKenApp):
         self._lock = threading.Lock()  # handlers run on each switch's thread; commands on the engine's
         register_southbound(self)
 
+    def switch_ports(self, dpid: int) -> tuple[int, frozenset[tuple[int, str]]] | None:
+        """(OpenFlow version, (number, name) of each port below OFPP_MAX) of a connected switch,
+        as os-ken keeps them from the port-description reply and port-status messages."""
+        with self._lock:
+            sw = self._switches.get(dpid)
+        if sw is None:
+            return None
+        dp = sw.datapath
+        ports = frozenset((int(no), _port_name(port.name)) for no, port in dict(dp.ports or {}).items()
+                          if no < dp.ofproto.OFPP_MAX)
+        return dp.ofproto.OFP_VERSION, ports
+
     # ---- switch -> runtime -------------------------------------------------------------------
 
     @set_ev_cls(ofp_event.EventOFPSwitchFeatures, CONFIG_DISPATCHER)
@@ -351,6 +363,10 @@ class GoldilocksApp(app_manager.OSKenApp):
 
 
 _SOUTHBOUND: list[GoldilocksApp] = []
+
+
+def _port_name(name: bytes | str) -> str:
+    return name.rstrip(b"\0").decode(errors="replace") if isinstance(name, bytes) else name.rstrip("\0")
 
 
 def register_southbound(app: GoldilocksApp) -> None:

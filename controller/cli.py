@@ -8,24 +8,27 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from controller.engine import Engine
-from controller.flows.compile import World, compile_bridge
-from controller.flows.pipeline import CookieKind, cookie_kind
-from controller.flows.render import render_flows
-from controller.flows.types import Conjunction
 from controller.model import PROTOCOLS
-from controller.policy.explain import Explanation, explain
-from controller.policy.whatif import policy_probes
-from controller.scenario import Scenario, ScenarioError, load_scenario
+
+# The compiler, engine and explainer are imported by the commands that use them: `goldilocks
+# run` must reach its flow restorer (controller/warmstart.py) before anything slow is loaded.
+if TYPE_CHECKING:
+    from controller.engine import Engine
+    from controller.flows.compile import World
+    from controller.policy.explain import Explanation
+    from controller.scenario import Scenario, ScenarioError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+RESTORES_FIRST_S = 1.0  # then they go on beside the controller's start (controller/warmstart.py)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def _load(path: str, err: TextIO) -> Scenario | None:
+    from controller.scenario import ScenarioError, load_scenario
+
     try:
         return load_scenario(path)
     except ScenarioError as exc:
@@ -41,6 +44,8 @@ def _print_problems(path: str, exc: ScenarioError, err: TextIO) -> None:
 
 
 def _engine(sc: Scenario) -> Engine:
+    from controller.engine import Engine
+
     return Engine(sc.inventory, sc.directory, sc.policy, sc.groups)
 
 
@@ -62,6 +67,9 @@ def cmd_compile(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         known = ", ".join(sorted(sc.inventory.hypervisors)) or "none"
         print(f"unknown hypervisor {args.hypervisor!r} (known: {known})", file=err)
         return EXIT_USAGE
+    from controller.flows.compile import compile_bridge
+    from controller.flows.render import render_flows
+
     flows = compile_bridge(_engine(sc).world(), args.hypervisor)
     if args.stats:
         print(json.dumps(flow_stats(flows), indent=2, sort_keys=True), file=out)
@@ -71,6 +79,9 @@ def cmd_compile(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def flow_stats(flows: frozenset) -> dict[str, object]:
+    from controller.flows.pipeline import CookieKind, cookie_kind
+    from controller.flows.types import Conjunction
+
     kinds: dict[str, int] = {}
     for f in flows:
         kind = cookie_kind(f.cookie)
@@ -110,6 +121,8 @@ def cmd_explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.proto in ("tcp", "udp") and not 1 <= args.port <= 65535:
         print(f"--port: {args.port} out of range (1-65535) for {args.proto}", file=err)
         return EXIT_USAGE
+    from controller.policy.explain import explain
+
     result = explain(world, sc.groups, src, dst, args.proto, args.port)  # type: ignore[arg-type]
     if args.json:
         print(json.dumps(explanation_json(result), indent=2), file=out)
@@ -136,6 +149,9 @@ def explanation_json(e: Explanation) -> dict[str, object]:
 
 
 def reachability(sc: Scenario, world: World) -> list[list[str]]:
+    from controller.policy.explain import explain
+    from controller.policy.whatif import policy_probes
+
     names = sorted(vm.name for vm in world.inventory.vms.values())
     probes = policy_probes((sc.policy,), world.inventory.vms.values())
     rows = [["from \\ to"] + names]
@@ -181,6 +197,8 @@ def compile_demo(scenarios: list[str], out: TextIO, err: TextIO) -> int:
         if sc is None:
             return EXIT_INVALID
         world = _engine(sc).world()
+        from controller.flows.compile import compile_bridge
+
         print(f"== {path}", file=out)
         for hv in sorted(sc.inventory.hypervisors):
             stats = flow_stats(compile_bridge(world, hv))
@@ -203,7 +221,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     import logging
 
     from controller.config import ConfigError, load_config
-    from controller.service import run
+    from controller.warmstart import start_restores
 
     try:
         config = load_config(args.config)
@@ -211,8 +229,14 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(str(exc), file=err)
         return EXIT_INVALID
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    restores = start_restores(config)  # before the slow imports below, which would slow them down
+    if restores is not None:
+        restores.wait(RESTORES_FIRST_S)
+    from controller.scenario import ScenarioError
+    from controller.service import run
+
     try:
-        return run(config)
+        return run(config, restores)
     except ScenarioError as exc:
         # The scenario is read only to seed an empty database (docs/running.md), so it is
         # checked only then: run() raises this before starting anything. Not on every restart,
@@ -396,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_demo)
     c = sub.add_parser("sim", help="run simulation scenarios on a Mininet fleet (root; docs/simulation.md)")
     c.add_argument("scenario", nargs="+", help="simulation files, e.g. mininet/scenarios/*.yaml")
-    from fleet.runner import add_controller_options
+    from fleet.options import add_controller_options
 
     add_controller_options(c)
     c.set_defaults(func=cmd_sim)

@@ -7,6 +7,7 @@
       listen: 127.0.0.1                   # default: loopback only
       port: 6653
       tls: {key: ctl.key, cert: ctl.crt, ca: switch-ca.crt}   # optional: ssl: listener, switch certs verified
+      restore: true                       # put flow snapshots back on emptied bridges at start (docs/running.md)
     hypervisors:
       hv1: {ovsdb: "unix:/var/run/openvswitch/db.sock", bridge: br-int, uplinks: [uplink0], set_fail_secure: true}
     apps: []                              # extra os-ken apps to load, as ryu-manager would
@@ -32,7 +33,7 @@ from typing import Any
 import yaml
 
 from controller.policy.quarantine import QuarantinePolicy
-from controller.policy.validate import Problem
+from controller.problems import Problem
 
 OVSDB_SCHEMES = ("unix:", "tcp:", "ssl:")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -69,6 +70,7 @@ class Config:
     api_listen: str = "127.0.0.1"
     api_port: int | None = 8080  # None: no REST API
     quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
+    restore: bool = True  # serve flow snapshots while starting (controller/warmstart.py)
 
     @property
     def database_url(self) -> str:
@@ -127,11 +129,14 @@ def parse_config(data: Any, path: Path) -> Config:
         database = ""
     api_listen, api_port = _api(data.get("api", {}), out)
     of = data.get("openflow") or {}
-    listen, port, tls = "127.0.0.1", 6653, None
+    listen, port, tls, restore = "127.0.0.1", 6653, None, True
     if not isinstance(of, dict):
         out.append(Problem("openflow", "must be a mapping"))
     else:
-        _unknown(of, ("listen", "port", "tls"), "openflow", out)
+        _unknown(of, ("listen", "port", "tls", "restore"), "openflow", out)
+        restore = of.get("restore", restore)
+        if not isinstance(restore, bool):
+            out.append(Problem("openflow.restore", f"{restore!r}: must be true or false"))
         listen = of.get("listen", listen)
         try:
             ipaddress.ip_address(listen)
@@ -153,7 +158,7 @@ def parse_config(data: Any, path: Path) -> Config:
     if out:
         raise ConfigError(str(path), out)
     return Config(path, scenario_path, listen, port, tls, hypervisors, tuple(apps), level, database, api_listen, api_port,
-                  quarantine=quarantine)
+                  quarantine=quarantine, restore=restore is True)
 
 
 def _quarantine(data: Any, out: list[Problem]) -> QuarantinePolicy:

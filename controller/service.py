@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.config import Config
 from controller.events import ContextExpiry, ContextReported, Event
@@ -29,6 +29,9 @@ from controller.runtime import (
     SyncState,
     Tick,
 )
+
+if TYPE_CHECKING:
+    from controller.warmstart import Restores
 
 LOG = logging.getLogger("goldilocks.service")
 TICK_SECONDS = 0.25
@@ -69,6 +72,7 @@ class Service:
         self.settled = threading.Event()  # every monitored bridge is past the start's heavy part
         self.hits = HitCounter()
         self.facade = EngineFacade(self.call, self.post, self.hits, alive=self.engine_alive)
+        self._on_in_sync: Callable[[str], None] | None = None  # e.g. apps/snapshots.py
 
     def post(self, event: Event | SwitchEvent) -> None:
         self._queue.put(event)
@@ -88,6 +92,10 @@ class Service:
 
     def attach_southbound(self, execute: Callable[[SwitchCommand], None]) -> None:
         self._execute = execute
+
+    def on_in_sync(self, notify: Callable[[str], None]) -> None:
+        """`notify(hypervisor)` on the engine thread each time a bridge reaches in sync."""
+        self._on_in_sync = notify
 
     def start_engine(self) -> None:
         self._thread = threading.Thread(target=self._engine_loop, name="goldilocks-engine", daemon=True)
@@ -227,6 +235,8 @@ class Service:
             if b.state is SyncState.IN_SYNC:
                 LOG.info("bridge of %s in sync: %d flows (%d bundles, %d flow mods sent so far)", b.hypervisor,
                          len(b.installed or ()), b.bundles_sent, b.flow_mods_sent)
+                if self._on_in_sync is not None:
+                    self._on_in_sync(b.hypervisor)
             elif b.state is SyncState.BACKOFF:
                 LOG.error("bridge of %s out of sync, retry in %.1f s: %s", b.hypervisor,
                           (b.retry_at or 0) - self._clock(), b.last_error)
@@ -278,15 +288,18 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def run(config: Config) -> int:
+def run(config: Config, restores: Restores | None = None) -> int:
     """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops. Raises ScenarioError,
-    before starting anything, if the database is empty and the scenario to seed it does not load."""
+    before starting anything, if the database is empty and the scenario to seed it does not load.
+    `restores` (controller/warmstart.py) are putting flow snapshots back meanwhile."""
     tune_gc()
     from os_ken.base import app_manager
 
     import apps.goldilocks_app as app_module
     from apps.guard import install_guard
+    from apps.snapshots import SnapshotWriter
     from controller.boot import engine_from_state, open_store
+    from controller.flowsnap import config_digest
 
     store = open_store(config.database_url, config.scenario)
     configure_os_ken(config)
@@ -307,10 +320,15 @@ def run(config: Config) -> int:
     manager = app_manager.AppManager.get_instance()
     manager.load_apps(["apps.goldilocks_app", *config.apps])
     contexts = manager.create_contexts()
+    if restores is not None:
+        restores.wait()  # a bridge being restored is not also reconciled
     manager.instantiate_apps(**contexts)
     app = app_module.southbound()
     assert app is not None
     service.attach_southbound(app.execute)
+    snapshots = SnapshotWriter(store, service.call, app, config_digest(config.path))
+    service.on_in_sync(snapshots.in_sync)
+    snapshots.start()
     gc.freeze()  # what boot built lives as long as the process
     service.start_engine()
     service.start_monitors()
@@ -325,6 +343,7 @@ def run(config: Config) -> int:
     LOG.info("stopping; flows stay on the switches (fail_mode=secure)")
     if api is not None:
         api.should_exit = True
+    snapshots.stop()
     service.stop()
     store.close()
     logging.shutdown()

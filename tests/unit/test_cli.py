@@ -131,7 +131,7 @@ def test_run_does_not_read_the_scenario_again_once_the_database_is_seeded(
     open_store(f"sqlite:///{tmp_path / 'g.db'}", scenario, io.StringIO()).close()
     scenario.write_text("hypervisors: [\n  {name: hv1\n")  # no longer even YAML
     started: list[object] = []
-    monkeypatch.setattr(service, "run", lambda config: started.append(config) or 0)
+    monkeypatch.setattr(service, "run", lambda config, restores=None: started.append(config) or 0)
     code, _, err = run("run", "--config", str(_run_config(tmp_path, scenario)))
     assert (code, err, len(started)) == (0, "", 1)
 
