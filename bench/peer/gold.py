@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BRIDGE = "glpeer"
 HYPERVISOR = "hv1"
 DPID = 1
+PARKED = "tcp:127.0.0.1:1"  # a controller target nothing listens on (tcpmux): see GoldLab.boot
 TOKEN = "bench-peer-admin-token-0123456789abcdef"
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _FLOW_MODS = re.compile(r"with (\d+) flow mods")
@@ -134,20 +135,39 @@ class GoldLab:
                                          stdout=log, stderr=subprocess.STDOUT)
         return began
 
-    def boot(self, fresh: bool = True) -> tuple[float, float, float]:
-        """(Re)start the controller from nothing: killed, the bridge emptied and without its
-        controller target until the OpenFlow listener is up, then given it back at once.
-        Returns the start's wall-clock and monotonic times and the seconds to listening."""
+    def boot(self, fresh: bool = True, target: int | None = None) -> tuple[float, float, float, float | None]:
+        """(Re)start the controller from nothing: killed, the bridge emptied and its controller
+        target parked on a dead address until the OpenFlow listener is up, then given back at
+        once, as a switch already retrying would connect (OVS would otherwise wait out its
+        reconnect backoff). Parked, not removed: OVS flushes a bridge's flows whenever it goes
+        from no controller to one (connmgr_set_controllers), which would wipe what the starting
+        controller has already put back (controller/warmstart.py).
+        Returns the start's wall-clock and monotonic times, the seconds to listening and, given
+        a `target` flow count, the seconds until the bridge first held that many flows, which
+        may come before the listener when a flow snapshot is restored."""
         self.kill()
-        self.ovs.vsctl("del-controller", BRIDGE)
+        self.ovs.vsctl("set-controller", BRIDGE, PARKED)
         self.ovs.del_flows(BRIDGE)
         wall = self.start(fresh)
         start = time.monotonic()
         assert self.proc is not None
-        up = poll("the OpenFlow listener", self.alive(functools.partial(listening, self.proc.pid, self.of_port)),
-                  every=0.005) - start
-        self.set_controller()
-        return wall, start, up
+        is_listening = functools.partial(listening, self.proc.pid, self.of_port)
+        up: float | None = None
+        full: float | None = None
+
+        def both() -> bool:
+            nonlocal up, full
+            if up is None and is_listening():
+                up = time.monotonic() - start
+                self.set_controller()
+            if full is None and target is not None and self.count() == target:
+                full = time.monotonic() - start
+            return up is not None and (target is None or full is not None)
+
+        poll("the OpenFlow listener" + (f" and {target} flows" if target is not None else ""), self.alive(both),
+             every=0.005)
+        assert up is not None
+        return wall, start, up, full
 
     def alive(self, check: Callable[[], bool]) -> Callable[[], bool]:
         """`check`, failing the run at once if the controller process has exited."""
@@ -180,6 +200,11 @@ class GoldLab:
                 if t >= after - 0.001:
                     out.append((t, line))
         return out
+
+    def snapshot_stored(self) -> None:
+        """Wait for the running controller to have stored its bridge's flow snapshot."""
+        poll("the bridge's flow snapshot", self.alive(lambda: f"flow snapshot of {HYPERVISOR} stored" in self.log()),
+             every=0.02)
 
     def synced_since(self, wall: float) -> None:
         """Wait for the log's first "in sync" line at or after `wall`."""
@@ -300,22 +325,27 @@ def cold_start(lab: GoldLab, target: int, reps: int, fresh: bool = True) -> dict
     The bridge gets its controller target back the moment the OpenFlow listener is up, as a
     switch already retrying would connect (OVS would otherwise wait out its reconnect backoff;
     the bridge is empty, so OVS's flush on a first controller costs nothing)."""
-    full, boot, connect, ready, install = [], [], [], [], []
+    full, boot, connect, ready, install, restored, in_sync = [], [], [], [], [], [], []
     for _ in range(reps):
-        wall, start, up = lab.boot(fresh)
+        if not fresh:  # a controller that has run a while has stored its bridge's flow snapshot
+            lab.snapshot_stored()
+        wall, _, up, done = lab.boot(fresh, target)
         boot.append(up)
-        done = poll(f"{target} flows after a cold start", lab.alive(lambda: lab.count() == target), every=0.005)
-        full.append(done - start)
+        assert done is not None
+        full.append(done)
         lab.synced_since(wall)
         connect += [t - wall for t in lab.log_times("connected", wall)[:1]]
         dumping, synced = lab.log_times(": dumping", wall)[:1], lab.log_times("in sync", wall)[:1]
         ready += [t - wall for t in dumping]
         install += [b - a for a, b in zip(dumping, synced, strict=False)]
+        restored += [t - wall for t in lab.log_times(": restored ", wall)[:1]]
+        in_sync += [t - wall for t in synced]
     database = "empty database seeded from the scenario" if fresh else "the database of the run before"
     out: dict[str, Any] = {**Summary.of(full).ms(), "what": f"goldilocks run started ({database}, bridge emptied) → "
-                           "all flows on the bridge"}
+                           "all flows on the bridge", "restored_from_snapshot": len(restored)}
     for key, values in (("start_to_listening", boot), ("start_to_switch_connected", connect),
-                        ("start_to_first_dump", ready), ("install", install)):
+                        ("start_to_first_dump", ready), ("install", install), ("start_to_restored", restored),
+                        ("start_to_in_sync", in_sync)):
         if values:
             out[f"{key}_median_ms"] = round(Summary.of(values).median * 1000, 1)
     return out
@@ -328,7 +358,7 @@ def measure(workload: Workload, reps: int, log: Any = print) -> dict[str, Any]:
         try:
             began = time.monotonic()
             lab.set_up()
-            wall, _, _ = lab.boot()
+            wall, _, _, _ = lab.boot()
             lab.synced_since(wall)
             lab.ready()
             target = settle("the bridge", lab.count)
