@@ -191,14 +191,14 @@ def cmd_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def compile_demo(scenarios: list[str], out: TextIO, err: TextIO) -> int:
+    from controller.flows.compile import compile_bridge
+
     paths = scenarios or sorted(str(p) for p in EXAMPLES.glob("*.yaml"))
     for path in paths:
         sc = _load(path, err)
         if sc is None:
             return EXIT_INVALID
         world = _engine(sc).world()
-        from controller.flows.compile import compile_bridge
-
         print(f"== {path}", file=out)
         for hv in sorted(sc.inventory.hypervisors):
             stats = flow_stats(compile_bridge(world, hv))
@@ -229,7 +229,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(str(exc), file=err)
         return EXIT_INVALID
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    restores = start_restores(config)  # before the slow imports below, which would slow them down
+    # First, and waited for up to a second: the imports below take about that long, and would
+    # hold the interpreter the restores run in.
+    restores = start_restores(config)
     if restores is not None:
         restores.wait(RESTORES_FIRST_S)
     from controller.scenario import ScenarioError

@@ -24,9 +24,10 @@ See docs/running.md.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,8 @@ class Config:
     api_listen: str = "127.0.0.1"
     api_port: int | None = 8080  # None: no REST API
     quarantine: QuarantinePolicy = field(default_factory=QuarantinePolicy)
-    restore: bool = True  # serve flow snapshots while starting (controller/warmstart.py)
+    restore: bool = True  # put flow snapshots back while starting (controller/warmstart.py)
+    digest: str = ""  # sha256 of the file as read: a flow snapshot holds the one it was taken under
 
     @property
     def database_url(self) -> str:
@@ -249,11 +251,14 @@ def _hypervisors(data: Any, base: Path, out: list[Problem]) -> dict[str, Hypervi
 def load_config(path: str | Path) -> Config:
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+        data = yaml.safe_load(raw.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(p), [Problem(str(p), f"not UTF-8 text: {exc.reason} at byte {exc.start}")]) from None
     except OSError as exc:
         raise ConfigError(str(p), [Problem(str(p), f"cannot read: {exc.strerror}")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}:{mark.column + 1}" if mark else str(p)
         raise ConfigError(str(p), [Problem(where, f"YAML syntax error: {getattr(exc, 'problem', exc)}")]) from None
-    return parse_config(data, p)
+    return replace(parse_config(data, p), digest=hashlib.sha256(raw).hexdigest())

@@ -21,7 +21,6 @@ module is imported before the slow imports it exists to get ahead of.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import struct
@@ -72,10 +71,6 @@ def unpack_flow_mods(blob: bytes) -> tuple[bytes, ...]:
         out.append(blob[at:at + length])
         at += length
     return tuple(out)
-
-
-def config_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def sqlite_path(url: str) -> Path | None:

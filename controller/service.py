@@ -299,7 +299,6 @@ def run(config: Config, restores: Restores | None = None) -> int:
     from apps.guard import install_guard
     from apps.snapshots import SnapshotWriter
     from controller.boot import engine_from_state, open_store
-    from controller.flowsnap import config_digest
 
     store = open_store(config.database_url, config.scenario)
     configure_os_ken(config)
@@ -326,7 +325,7 @@ def run(config: Config, restores: Restores | None = None) -> int:
     app = app_module.southbound()
     assert app is not None
     service.attach_southbound(app.execute)
-    snapshots = SnapshotWriter(store, service.call, app, config_digest(config.path))
+    snapshots = SnapshotWriter(store, service.call, app, config.digest)
     service.on_in_sync(snapshots.in_sync)
     snapshots.start()
     gc.freeze()  # what boot built lives as long as the process

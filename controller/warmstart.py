@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from apps.restore import Choice, Outcome, SwitchView, restore_connection
-from controller.flowsnap import StoredSnapshots, config_digest, load_snapshots, refusal, sqlite_path
+from controller.flowsnap import StoredSnapshots, load_snapshots, refusal, sqlite_path
 
 if TYPE_CHECKING:
     from controller.config import Config
@@ -73,7 +73,7 @@ def start_restores(config: Config) -> Restores | None:
     stored = load_snapshots(path)
     if not stored.by_dpid:
         return None
-    choose = functools.partial(choose_snapshot, stored, config_digest(config.path))
+    choose = functools.partial(choose_snapshot, stored, config.digest)
     jobs = {hv.name: functools.partial(restore_bridge, mgmt, choose)
             for hv in config.hypervisors.values() if (mgmt := management_socket(hv.ovsdb, hv.bridge)) is not None}
     return Restores(jobs).start() if jobs else None

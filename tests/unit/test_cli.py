@@ -143,3 +143,19 @@ def test_run_lists_the_problems_of_a_scenario_that_would_seed_an_empty_database(
                           capture_output=True, text=True, timeout=60, cwd=EXAMPLES.parent, check=False)
     assert proc.returncode == 1
     assert f"{scenario}: 1 problem:" in proc.stderr and "nowhere" in proc.stderr
+
+
+def test_the_config_carries_the_digest_of_the_bytes_it_was_read_from(tmp_path: Path) -> None:
+    import hashlib
+
+    from controller.config import ConfigError, load_config
+
+    path = _run_config(tmp_path, EXAMPLES / "three-tier.yaml")
+    assert load_config(path).digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_config(path).restore is True
+    path.write_bytes(path.read_bytes() + b"openflow: {restore: false}\n")
+    assert load_config(path).restore is False
+    path.write_bytes(path.read_bytes() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+
