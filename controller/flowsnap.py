@@ -28,9 +28,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-OF14 = 0x05  # the only version restored: the app's bundles are OpenFlow 1.4's own messages
-OFPT_FLOW_MOD = 14
-_HEADER = struct.Struct("!BBHI")  # version, type, length, xid
+from apps.restore import OFP_VERSION, OFPT_FLOW_MOD
+
+OF14 = OFP_VERSION  # the only version restored: the app's bundles are OpenFlow 1.4's own messages
+_HEADER = struct.Struct("!BBHI")  # ofp_header: version, type, length, xid
 
 SQLITE_PREFIX = "sqlite:///"
 
