@@ -61,11 +61,9 @@ OFPTT_ALL = 0xFF
 OFPMT_OXM = 1
 
 OFPBCT_OPEN_REQUEST = 0
-OFPBCT_OPEN_REPLY = 1
 OFPBCT_COMMIT_REQUEST = 4
 OFPBCT_COMMIT_REPLY = 5
 OFPBCT_DISCARD_REQUEST = 6
-OFPBCT_DISCARD_REPLY = 7
 OFPBF_ATOMIC = 1 << 0
 OFPBF_ORDERED = 1 << 1
 
@@ -132,7 +130,7 @@ OFP_ERROR_CODE_NAMES: dict[int, tuple[str, ...]] = {
 }
 
 # Wire layouts (all big-endian, as the spec's structs).
-_HEADER = struct.Struct("!BBHI")  # ofp_header: version, type, length, xid
+OFP_HEADER = struct.Struct("!BBHI")  # ofp_header: version, type, length, xid
 _HELLO_ELEM = struct.Struct("!HH")  # ofp_hello_elem_header: type, length (without padding)
 _FEATURES = struct.Struct("!Q")  # ofp_switch_features starts with datapath_id (every version)
 _MULTIPART = struct.Struct("!HH4x")  # ofp_multipart_request/reply: type, flags
@@ -144,7 +142,8 @@ _AGGREGATE_REPLY = struct.Struct("!QQI4x")  # packet_count, byte_count, flow_cou
 _ERROR = struct.Struct("!HH")  # ofp_error_msg: type, code
 _EXPERIMENTER_ERROR = struct.Struct("!HHI")  # type (0xffff), exp_code, experimenter
 _MATCH = struct.Struct("!HH")  # ofp_match: type, length (without padding)
-_BUNDLE_CTRL = struct.Struct("!BBHIIHH")  # ofp_header, bundle_id, type, flags
+_BUNDLE_CTRL_BODY = struct.Struct("!IHH")  # ofp_bundle_ctrl_msg after its ofp_header: bundle_id, type, flags
+_BUNDLE_CTRL = struct.Struct("!BBHI" + _BUNDLE_CTRL_BODY.format[1:])
 # ofp_header, bundle_id, pad, flags, then the inner message's own ofp_header (its xid rewritten)
 _BUNDLE_ADD = struct.Struct("!BBHII2xHBBHI")
 _BUNDLE_ADD_SIZE = _BUNDLE_ADD.size - OFP_HEADER_SIZE  # outer length = this + inner length
@@ -156,7 +155,6 @@ BUNDLE_FLAGS = OFPBF_ATOMIC | OFPBF_ORDERED
 # Flow mods per write: one syscall carries ~75 kB; between writes, errors already in are
 # looked at, so a refused add stops the sending early (the bundle is discarded anyway).
 CHUNK_FLOW_MODS = 512
-ACCEPT_RETRY = 0.2  # s to pause after a failed accept (e.g. out of file descriptors)
 VERSION_NAMES = {1: "1.0", 2: "1.1", 3: "1.2", 4: "1.3", 5: "1.4", 6: "1.5"}
 
 
@@ -269,7 +267,7 @@ class _Channel:
         self._in += data
         offset = 0
         while len(self._in) - offset >= OFP_HEADER_SIZE:
-            version, msg_type, length, xid = _HEADER.unpack_from(self._in, offset)
+            version, msg_type, length, xid = OFP_HEADER.unpack_from(self._in, offset)
             if length < OFP_HEADER_SIZE:
                 raise _Failed(f"malformed message from the switch (length {length}) "
                               f"while we waited for {what}")
@@ -278,14 +276,14 @@ class _Channel:
             body = bytes(self._in[offset + OFP_HEADER_SIZE: offset + length])
             offset += length
             if msg_type == OFPT_ECHO_REQUEST:  # keep the switch from timing us out
-                self._out += _HEADER.pack(version, OFPT_ECHO_REPLY, length, xid) + body
+                self._out += OFP_HEADER.pack(version, OFPT_ECHO_REPLY, length, xid) + body
             else:
                 self._received.append(_Message(version, msg_type, xid, body))
         del self._in[:offset]
 
 
 def _message(msg_type: int, xid: int, body: bytes = b"", version: int = OFP_VERSION) -> bytes:
-    return _HEADER.pack(version, msg_type, OFP_HEADER_SIZE + len(body), xid) + body
+    return OFP_HEADER.pack(version, msg_type, OFP_HEADER_SIZE + len(body), xid) + body
 
 
 def _describe_error(body: bytes) -> str:
@@ -425,7 +423,7 @@ def _flow_mod_problem(msg: object) -> str:
         return f"it is {type(msg).__name__}, not bytes"
     if len(msg) < OFP_FLOW_MOD_SIZE:
         return f"only {len(msg)} bytes (a flow mod has at least {OFP_FLOW_MOD_SIZE})"
-    version, msg_type, length, _ = _HEADER.unpack_from(msg)
+    version, msg_type, length, _ = OFP_HEADER.unpack_from(msg)
     if version != OFP_VERSION:
         return f"version {version:#04x}, not {OFP_VERSION:#04x}"
     if msg_type != OFPT_FLOW_MOD:
@@ -565,8 +563,13 @@ def _commit(channel: _Channel, xids: _Xids) -> None:
     messages = _until_barrier(channel, xids.barrier, "the reply to the barrier after the commit")
     if refusals := _refusals(messages, xids):
         raise _Failed(f"{_refused(refusals)}; nothing was installed")
-    if not any(m.type == OFPT_BUNDLE_CONTROL and m.xid == xids.commit for m in messages):
+    if not any(_is_commit_reply(m, xids.commit) for m in messages):
         raise _Failed("the switch answered the barrier after the commit without a commit reply")
+
+
+def _is_commit_reply(m: _Message, xid: int) -> bool:
+    return (m.type == OFPT_BUNDLE_CONTROL and m.xid == xid and len(m.body) >= _BUNDLE_CTRL_BODY.size
+            and _BUNDLE_CTRL_BODY.unpack_from(m.body)[1] == OFPBCT_COMMIT_REPLY)
 
 
 def _install(channel: _Channel, flow_mods: Sequence[bytes]) -> int:

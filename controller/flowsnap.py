@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from apps.restore import OFP_VERSION, OFPT_FLOW_MOD
+from apps.restore import OFP_HEADER, OFP_VERSION, OFPT_FLOW_MOD
 
 OF14 = OFP_VERSION  # the only version restored: the app's bundles are OpenFlow 1.4's own messages
-_HEADER = struct.Struct("!BBHI")  # ofp_header: version, type, length, xid
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -51,7 +49,7 @@ class FlowSnapshot:
 
 def flow_mod_message(body: bytes) -> bytes:
     """A whole OpenFlow 1.4 flow mod from its body (apps/ofwire.flow_mod_body); xid 0, set when sent."""
-    return _HEADER.pack(OF14, OFPT_FLOW_MOD, _HEADER.size + len(body), 0) + body
+    return OFP_HEADER.pack(OF14, OFPT_FLOW_MOD, OFP_HEADER.size + len(body), 0) + body
 
 
 def pack_flow_mods(messages: Iterable[bytes]) -> bytes:
@@ -63,10 +61,10 @@ def unpack_flow_mods(blob: bytes) -> tuple[bytes, ...]:
     """The messages of a blob; ValueError naming the offset if one is cut or not a flow mod."""
     out, at = [], 0
     while at < len(blob):
-        if len(blob) - at < _HEADER.size:
+        if len(blob) - at < OFP_HEADER.size:
             raise ValueError(f"flow snapshot cut at byte {at}: {len(blob) - at} bytes left, a header is 8")
-        version, kind, length, _ = _HEADER.unpack_from(blob, at)
-        if version != OF14 or kind != OFPT_FLOW_MOD or length < _HEADER.size or at + length > len(blob):
+        version, kind, length, _ = OFP_HEADER.unpack_from(blob, at)
+        if version != OF14 or kind != OFPT_FLOW_MOD or length < OFP_HEADER.size or at + length > len(blob):
             raise ValueError(f"flow snapshot holds no OpenFlow 1.4 flow mod at byte {at} "
                              f"(version {version:#x}, type {kind}, length {length})")
         out.append(blob[at:at + length])

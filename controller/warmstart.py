@@ -102,6 +102,7 @@ def choose_snapshot(stored: StoredSnapshots, digest: str, view: SwitchView) -> C
     snapshot = stored.by_dpid.get(view.dpid)
     reason = refusal(snapshot, version=view.version, ports=view.ports, flow_count=view.flow_count,
                      generation=stored.generation, digest=digest, now=time.time())
-    if reason is not None or snapshot is None:
-        return reason or "no flow snapshot for this bridge"
+    if reason is not None:
+        return reason
+    assert snapshot is not None  # refusal names a missing one
     return snapshot.flow_mods
