@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from sqlalchemy import Row
+
 from controller.model import VM, Attr, Fact, Gateway, Hypervisor, Provenance, VNic
 from controller.store.records import ContextRecord, PolicyRevision, Principal, RevisionState, Role
 from controller.store.schema import (
@@ -23,6 +25,19 @@ Json = dict[str, Any]
 
 def hypervisor_of(row: HypervisorRow) -> Hypervisor:
     return Hypervisor(row.name, row.uplink_ofport, None if row.dpid is None else int(row.dpid))
+
+
+def vm_from(uuid: str, name: str, hypervisor: str, nics: Iterable[Any], tags: Iterable[Any]) -> VM:
+    """A VM from plain result rows: `nics` (id, mac, ofport, name, ip) one per address (ip None
+    for a vNIC without one), in vNIC then address order; `tags` (key, value, observed_at)."""
+    by_id: dict[int, tuple[Any, list[str]]] = {}
+    for nic in nics:
+        _, ips = by_id.setdefault(nic.id, (nic, []))
+        if nic.ip is not None:
+            ips.append(nic.ip)
+    vnics = tuple(VNic(nic.mac, tuple(ips), nic.ofport, nic.name) for nic, ips in by_id.values())
+    facts = frozenset(Fact(Attr.TAG, t.key, t.value, Provenance.PLATFORM, t.observed_at) for t in tags)
+    return VM(uuid, name, hypervisor, vnics, facts)
 
 
 def vm_of(row: VmRow) -> VM:
@@ -47,11 +62,11 @@ def context_of(row: ContextRow) -> ContextRecord:
     )
 
 
-def principal_of(row: PrincipalRow) -> Principal:
+def principal_of(row: PrincipalRow | Row[Any]) -> Principal:
     return Principal(row.name, Role(row.role), row.hypervisor, row.created_at, row.revoked_at is not None)
 
 
-def revision_of(row: RevisionRow) -> PolicyRevision:
+def revision_of(row: RevisionRow | Row[Any]) -> PolicyRevision:
     return PolicyRevision(
         number=row.number,
         state=RevisionState(row.state),
