@@ -172,7 +172,7 @@ class Service:
             return
         self._log_transitions(before)
         self._note_settled()
-        self._audit_effect(event)
+        # Stored before a flow goes out: a quarantine the switches enforce survives a restart.
         self._save_quarantine()
         for cmd in commands:
             if self._execute is None:
@@ -182,6 +182,8 @@ class Service:
                 self._execute(cmd)
             except Exception:
                 LOG.exception("southbound failed on %s", type(cmd).__name__)
+        # After: a context change's flows do not wait for the record of what they did.
+        self._audit_effect(event)
 
 
     def _note_settled(self) -> None:
