@@ -82,6 +82,8 @@ class Store:
     def _read(self, engine: Engine | None = None) -> Iterator[Session]:
         with Session(engine or self._engine) as session, session.begin():
             yield session
+            if session.info.get(_AUDIT_PENDING):
+                raise RuntimeError("audit entries made in a read transaction would be lost; use _write")
 
     @contextmanager
     def _write(self, *, flows: bool = True) -> Iterator[Session]:

@@ -116,3 +116,18 @@ def test_filters_and_paging(store: Store) -> None:
     assert log(action_prefix="hypervisor%") == []  # the prefix is literal, not a LIKE pattern
     assert [e.actor for e in log(target="hypervisor:hv2")] == ["bob"]
     assert [e.target for e in log(limit=2, offset=1)] == ["hypervisor:hv4", "hypervisor:hv3"]
+
+
+def test_entries_of_one_transaction_keep_their_order(store: Store) -> None:
+    """A transaction's entries are written together as it ends: in the order they were made."""
+    with store._write() as session:
+        for n in range(5):
+            store._audit(session, "ops", "test.step", f"step:{n}")
+    steps = [e.target for e in reversed(store.audit_log(action_prefix="test.step"))]
+    assert steps == [f"step:{n}" for n in range(5)]
+
+
+def test_an_entry_made_in_a_read_transaction_is_refused_not_lost(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="read transaction"), store._read() as session:
+        store._audit(session, "ops", "test.step", "step:0")
+    assert store.audit_log(action_prefix="test.step") == []
