@@ -12,6 +12,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,7 @@ class BridgeWatch:
         self._proc = subprocess.Popen(["ovs-ofctl", "-O", "OpenFlow14", "monitor", f"unix:{ovs.dir / (bridge + '.mgmt')}",
                                        "watch:!initial"], env=ovs.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._events: list[float] = []
+        self._said: deque[str] = deque(maxlen=5)  # its last lines that were not flow events
         self._lock = threading.Lock()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -135,6 +137,14 @@ class BridgeWatch:
             elif line.startswith(b" event="):
                 with self._lock:
                     self._events.append(time.monotonic())
+            else:
+                self._said.append(line.decode(errors="replace").rstrip())
+
+    def state(self) -> str:
+        """Whether the monitor still runs, and what it last said besides flow events."""
+        code = self._proc.poll()
+        running = "running" if code is None else f"exited ({code})"
+        return f"ovs-ofctl monitor {running}; its last other output: {list(self._said) or 'none'}"
 
     def last_since(self, start: float) -> float | None:
         """Monotonic time of the last flow event at or after `start` (None: no event)."""

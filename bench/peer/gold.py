@@ -55,6 +55,10 @@ PARKED = "tcp:127.0.0.1:1"  # a controller target nothing listens on (tcpmux): s
 TOKEN = "bench-peer-admin-token-0123456789abcdef"
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _FLOW_MODS = re.compile(r"with (\d+) flow mods")
+# A change already on the bridge with no flow event this long after it: the monitor missed it
+# (seen once in many runs, at N=2000). The repetition is repeated, at most this many times.
+MISSED_S = 30.0
+MAX_MISSED = 3
 
 
 def _ids(vm: Vm) -> dict[str, str]:
@@ -283,13 +287,30 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
     the marker flow and the flow count); the log splits it into API, bundle sent and in sync."""
     forward, back = learn(lab, change)
     total, api, bundle, in_sync, flow_mods = [], [], [], [], []
-    with BridgeWatch(lab.ovs, BRIDGE) as watch:
-        for _ in range(reps):
+    missed: list[str] = []
+    watch = BridgeWatch(lab.ovs, BRIDGE)
+    try:
+        while len(total) < reps:
             change.prepare()
             wall, start = time.time(), time.monotonic()
             change.apply()
-            api.append(time.monotonic() - start)
-            last = watch.wait_quiet(start)
+            took = time.monotonic() - start
+            try:
+                last = watch.wait_quiet(start, timeout=MISSED_S)
+            except BenchError:
+                if not lab.marked(forward) or len(missed) >= MAX_MISSED:
+                    raise
+                # On the bridge, yet not one event from the monitor: this repetition cannot be
+                # timed. Say so, undo it, and repeat it under a new monitor.
+                missed.append(watch.state())
+                log_missed(missed[-1])
+                change.prepare_revert()
+                change.revert()
+                poll("the undo on the bridge", lab.alive(lambda: lab.marked(back)))
+                watch.close()
+                watch = BridgeWatch(lab.ovs, BRIDGE)
+                continue
+            api.append(took)
             if not lab.marked(forward):  # the burst was not the whole change: wait for it, count that
                 last = poll("the change on the bridge", lab.alive(lambda: lab.marked(forward)))
             total.append(last - start)
@@ -300,7 +321,11 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
             change.prepare_revert()
             change.revert()
             poll("the undo on the bridge", lab.alive(lambda: lab.marked(back)))
+    finally:
+        watch.close()
     out: dict[str, Any] = Summary.of(total).ms()
+    if missed:
+        out["monitor_missed"] = missed
     out["api_median_ms"] = round(Summary.of(api).median * 1000, 1)
     for key, values in (("bundle_sent_median_ms", bundle), ("in_sync_median_ms", in_sync)):
         if values:
@@ -308,6 +333,11 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
     if flow_mods:
         out["flow_mods"] = int(Summary.of(flow_mods).median)
     return out
+
+
+def log_missed(state: str) -> None:
+    print(f"goldilocks: a change reached the bridge but its flow monitor reported nothing ({state}); "
+          "repeating it", file=sys.stderr, flush=True)
 
 
 def listening(pid: int, port: int) -> bool:
