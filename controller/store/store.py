@@ -440,8 +440,7 @@ class Store:
 
     def _one_in_state(self, state: RevisionState) -> PolicyRevision | None:
         with self._read() as session:
-            row = _revision_in(session, state)
-            return None if row is None else codec.revision_of(row)
+            return _revision_in(session, state)
 
     def revision(self, number: int) -> PolicyRevision | None:
         with self._read() as session:
@@ -456,46 +455,39 @@ class Store:
     def save_draft(self, document: Mapping[str, Any], *, actor: str, comment: str = "") -> PolicyRevision:
         doc = _document(document)
         with self._write(flows=False) as session:
-            row = _revision_in(session, RevisionState.DRAFT)
-            before = None if row is None else codec.revision_json(codec.revision_of(row))
-            if row is None:
+            old = _revision_in(session, RevisionState.DRAFT)
+            if old is None:
                 active = _revision_in(session, RevisionState.ACTIVE)
-                row = RevisionRow(
-                    number=_next_number(session), state=RevisionState.DRAFT.value, author=actor,
-                    created_at=self._clock(), comment=comment,
-                    based_on=None if active is None else active.number,
+                draft = PolicyRevision(
+                    number=_next_number(session), state=RevisionState.DRAFT, document=doc, author=actor,
+                    created_at=self._clock(), comment=comment, based_on=None if active is None else active.number,
                 )
-                session.add(row)
-            elif comment:
-                row.comment = comment
-            row.document = doc
-            session.flush()
-            draft = codec.revision_of(row)
+                session.execute(_INSERT_REVISION, _revision_row(draft))
+            else:
+                draft = replace(old, document=doc, comment=comment or old.comment)
+                session.execute(_REVISE, {"revision": draft.number, "document": doc, "comment": draft.comment})
             self._audit(session, actor, "policy.draft", f"policy:{draft.number}",
-                        before, codec.revision_json(draft))
+                        None if old is None else codec.revision_json(old), codec.revision_json(draft))
         return draft
 
     def discard_draft(self, *, actor: str) -> PolicyRevision:
         with self._write(flows=False) as session:
-            row = _revision_in(session, RevisionState.DRAFT)
-            if row is None:
+            draft = _revision_in(session, RevisionState.DRAFT)
+            if draft is None:
                 raise NotFound("draft: there is no draft policy")
-            before = codec.revision_json(codec.revision_of(row))
-            row.state = RevisionState.DISCARDED.value
-            session.flush()
-            discarded = codec.revision_of(row)
-            self._audit(session, actor, "policy.discard", f"policy:{row.number}",
-                        before, codec.revision_json(discarded))
+            discarded = replace(draft, state=RevisionState.DISCARDED)
+            session.execute(_DISCARD, {"revision": draft.number})
+            self._audit(session, actor, "policy.discard", f"policy:{draft.number}",
+                        codec.revision_json(draft), codec.revision_json(discarded))
         return discarded
 
     def publish_draft(self, *, actor: str, check: Check) -> PolicyRevision:
         problems: list[Problem] = []
         published: PolicyRevision | None = None
         with self._write() as session:
-            found = session.execute(_REVISION_IN, {"state": RevisionState.DRAFT.value}).first()
-            if found is None:
+            draft = _revision_in(session, RevisionState.DRAFT)
+            if draft is None:
                 raise NotFound("draft: there is no draft policy to publish")
-            draft = codec.revision_of(found)
             # Checked inside the write transaction: nobody can change the draft in between.
             problems = list(check(draft.document))
             if problems:
@@ -541,12 +533,9 @@ class Store:
         session.execute(_ARCHIVE_ACTIVE)
         active = replace(revision, state=RevisionState.ACTIVE, published_at=self._clock(), published_by=actor)
         if stored:
-            session.execute(_PUBLISH, {"draft": active.number, "at": active.published_at, "by": actor})
+            session.execute(_PUBLISH, {"revision": active.number, "at": active.published_at, "by": actor})
         else:
-            session.execute(_INSERT_REVISION, {
-                "number": active.number, "state": active.state.value, "document": active.document,
-                "author": active.author, "created_at": active.created_at, "published_at": active.published_at,
-                "published_by": actor, "comment": active.comment, "based_on": active.based_on})
+            session.execute(_INSERT_REVISION, _revision_row(active))
         return active
 
     def _audit_rejection(
@@ -645,7 +634,7 @@ class Store:
             ).order_by(ContextRow.vm_uuid, ContextRow.provenance)
             contexts = tuple(codec.context_of(r) for r in session.scalars(live))
             return StoredState(
-                inventory, _directory(session), None if active is None else codec.revision_of(active), contexts
+                inventory, _directory(session), active, contexts
             )
 
     def import_scenario(self, scenario: Scenario, document: Mapping[str, Any], *, actor: str = SYSTEM) -> None:
@@ -713,8 +702,11 @@ _INSERT_TAGS = _TAGS.insert()
 _REVISION_IN = select(_REVISIONS).where(_REVISIONS.c.state == bindparam("state"))
 _ARCHIVE_ACTIVE = (_REVISIONS.update().where(_REVISIONS.c.state == RevisionState.ACTIVE.value)
                    .values(state=RevisionState.ARCHIVED.value))
-_PUBLISH = (_REVISIONS.update().where(_REVISIONS.c.number == bindparam("draft"))
+_PUBLISH = (_REVISIONS.update().where(_REVISIONS.c.number == bindparam("revision"))
             .values(state=RevisionState.ACTIVE.value, published_at=bindparam("at"), published_by=bindparam("by")))
+_REVISE = _REVISIONS.update().where(_REVISIONS.c.number == bindparam("revision"))
+_DISCARD = (_REVISIONS.update().where(_REVISIONS.c.number == bindparam("revision"))
+            .values(state=RevisionState.DISCARDED.value))
 _INSERT_REVISION = _REVISIONS.insert()
 
 
@@ -791,8 +783,16 @@ def _directory(session: Session) -> dict[str, frozenset[str]]:
     }
 
 
-def _revision_in(session: Session, state: RevisionState) -> RevisionRow | None:
-    return session.scalars(select(RevisionRow).where(RevisionRow.state == state.value)).first()
+def _revision_in(session: Session, state: RevisionState) -> PolicyRevision | None:
+    """The revision in `state` (at most one is active, at most one a draft)."""
+    row = session.execute(_REVISION_IN, {"state": state.value}).first()
+    return None if row is None else codec.revision_of(row)
+
+
+def _revision_row(rev: PolicyRevision) -> dict[str, Any]:
+    return {"number": rev.number, "state": rev.state.value, "document": rev.document, "author": rev.author,
+            "created_at": rev.created_at, "published_at": rev.published_at, "published_by": rev.published_by,
+            "comment": rev.comment, "based_on": rev.based_on}
 
 
 def _next_number(session: Session) -> int:
