@@ -362,9 +362,9 @@ def start_controller(engine: Any, profile: cProfile.Profile | None = None) -> tu
     from apps.guard import install_guard
     from controller.config import Config
     from controller.runtime import Runtime
-    from controller.service import Service, configure_os_ken, tune_gc
+    from controller.service import Service, configure_os_ken, tune_interpreter
 
-    tune_gc()  # the controller process's GC, as controller.service.run sets it
+    tune_interpreter()  # the controller process's GC and switch interval, as controller.service.run sets them
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

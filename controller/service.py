@@ -291,16 +291,17 @@ GC_THRESHOLDS = (100_000, 50, 1000)
 SWITCH_INTERVAL_S = 0.001
 
 
-def tune_gc() -> None:
+def tune_interpreter() -> None:
+    """The controller process's GC thresholds and GIL switch interval (above)."""
     gc.set_threshold(*GC_THRESHOLDS)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def run(config: Config, restores: Restores | None = None) -> int:
     """Run until SIGTERM/SIGINT. Flows stay on the switches when it stops. Raises ScenarioError,
     before starting anything, if the database is empty and the scenario to seed it does not load.
     `restores` (controller/warmstart.py) are putting flow snapshots back meanwhile."""
-    tune_gc()
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    tune_interpreter()
     from os_ken.base import app_manager
 
     import apps.goldilocks_app as app_module
