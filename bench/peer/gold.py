@@ -288,6 +288,12 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
     forward, back = learn(lab, change)
     total, api, bundle, in_sync, flow_mods = [], [], [], [], []
     missed: list[str] = []
+
+    def undo() -> None:
+        change.prepare_revert()
+        change.revert()
+        poll("the undo on the bridge", lab.alive(lambda: lab.marked(back)))
+
     watch = BridgeWatch(lab.ovs, BRIDGE)
     try:
         while len(total) < reps:
@@ -304,9 +310,7 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
                 # timed. Say so, undo it, and repeat it under a new monitor.
                 missed.append(watch.state())
                 log_missed(missed[-1])
-                change.prepare_revert()
-                change.revert()
-                poll("the undo on the bridge", lab.alive(lambda: lab.marked(back)))
+                undo()
                 watch.close()
                 watch = BridgeWatch(lab.ovs, BRIDGE)
                 continue
@@ -318,9 +322,7 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
             bundle += [t - wall for t, _ in sent]
             flow_mods += [int(m.group(1)) for _, line in sent if (m := _FLOW_MODS.search(line))]
             in_sync += [t - wall for t in lab.log_times("in sync", wall)[:1]]
-            change.prepare_revert()
-            change.revert()
-            poll("the undo on the bridge", lab.alive(lambda: lab.marked(back)))
+            undo()
     finally:
         watch.close()
     out: dict[str, Any] = Summary.of(total).ms()
