@@ -1,4 +1,5 @@
-"""Rows to values and values to JSON: the only place that knows both shapes."""
+"""Rows to values (and a revision back to its row) and values to JSON: the only place that
+knows both shapes."""
 
 from __future__ import annotations
 
@@ -78,6 +79,13 @@ def revision_of(row: RevisionRow | Row[Any]) -> PolicyRevision:
         comment=row.comment,
         based_on=row.based_on,
     )
+
+
+def revision_row(rev: PolicyRevision) -> dict[str, Any]:
+    """The policy_revisions columns of a revision (revision_of's inverse)."""
+    return {"number": rev.number, "state": rev.state.value, "document": rev.document, "author": rev.author,
+            "created_at": rev.created_at, "published_at": rev.published_at, "published_by": rev.published_by,
+            "comment": rev.comment, "based_on": rev.based_on}
 
 
 # ---- values -> JSON (context facts, audit snapshots) ---------------------------------------

@@ -462,7 +462,7 @@ class Store:
                     number=_next_number(session), state=RevisionState.DRAFT, document=doc, author=actor,
                     created_at=self._clock(), comment=comment, based_on=None if active is None else active.number,
                 )
-                session.execute(_INSERT_REVISION, _revision_row(draft))
+                session.execute(_INSERT_REVISION, codec.revision_row(draft))
             else:
                 draft = replace(old, document=doc, comment=comment or old.comment)
                 session.execute(_REVISE, {"revision": draft.number, "document": doc, "comment": draft.comment})
@@ -535,7 +535,7 @@ class Store:
         if stored:
             session.execute(_PUBLISH, {"revision": active.number, "at": active.published_at, "by": actor})
         else:
-            session.execute(_INSERT_REVISION, _revision_row(active))
+            session.execute(_INSERT_REVISION, codec.revision_row(active))
         return active
 
     def _audit_rejection(
@@ -788,11 +788,6 @@ def _revision_in(session: Session, state: RevisionState) -> PolicyRevision | Non
     row = session.execute(_REVISION_IN, {"state": state.value}).first()
     return None if row is None else codec.revision_of(row)
 
-
-def _revision_row(rev: PolicyRevision) -> dict[str, Any]:
-    return {"number": rev.number, "state": rev.state.value, "document": rev.document, "author": rev.author,
-            "created_at": rev.created_at, "published_at": rev.published_at, "published_by": rev.published_by,
-            "comment": rev.comment, "based_on": rev.based_on}
 
 
 def _next_number(session: Session) -> int:
