@@ -8,10 +8,13 @@ management socket): it shakes hands, tells the caller what the switch is (Switch
 choose what to install, installs that in one atomic OpenFlow 1.4 bundle and closes the
 connection. The flows stay; the full controller reconciles the bridge as on any start.
 
-Standard library only, on purpose: importing this must cost milliseconds (a test holds it to no
-os_ken or sqlalchemy in sys.modules). So the OpenFlow constants it needs are declared here, with
-the spec's names; a test checks every value against os-ken's ofproto_v1_4. It speaks only
-OpenFlow 1.4 (bundles are native there); a switch speaking another version is left alone.
+Standard library only, on purpose: importing this must cost milliseconds (a test holds
+`goldilocks run` to no os_ken or sqlalchemy in sys.modules, nor dataclasses, typing, logging or
+socket: together those cost ~40 ms of a start that puts 800 flows back in ~70 ms, so values here
+are named tuples, and the caller hands in a plain _socket). So the OpenFlow constants it needs
+are declared here, with the spec's names; a test checks every value against os-ken's
+ofproto_v1_4. It speaks only OpenFlow 1.4 (bundles are native there); a switch speaking another
+version is left alone.
 
 Bundles go in two phases, as apps/ofwire.py explains: OVS checks each flow mod as it is added
 and leaves a refused one out of the bundle, so a blind commit would apply the rest. Here the adds
@@ -21,13 +24,15 @@ are followed by a barrier; an error before its reply gets a discard, otherwise a
 from __future__ import annotations
 
 import select
-import socket
 import struct
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import suppress
-from dataclasses import dataclass
+from collections import deque, namedtuple
+from collections.abc import Sequence
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (see above)
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Callable, Iterable
 
 # ---- OpenFlow 1.4 constants (names from the spec; values checked against os-ken by a test) --
 
@@ -161,18 +166,18 @@ VERSION_NAMES = {1: "1.0", 2: "1.1", 3: "1.2", 4: "1.3", 5: "1.4", 6: "1.5"}
 # ---- public values --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SwitchView:
+class SwitchView(namedtuple("SwitchView", "dpid version ports flow_count")):
     """What the restorer learnt from a switch before deciding."""
 
+    __slots__ = ()
     dpid: int
     version: int  # the negotiated OpenFlow version (only 0x05, OF1.4, is served)
     ports: frozenset[tuple[int, str]]  # (port_no, name) of every port numbered below OFPP_MAX
     flow_count: int  # flows in all tables (OFPMP_AGGREGATE over table 0xff, any cookie)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(namedtuple("Outcome", "dpid installed reason")):
+    __slots__ = ()
     dpid: int | None  # None if the handshake did not get that far
     installed: int  # flow mods committed; 0 when skipped or failed
     reason: str  # "" when installed; otherwise what stopped it, naming the problem
@@ -192,8 +197,8 @@ def _version_name(version: int) -> str:
 # ---- one connection: framing, echo replies, deadlines -------------------------------------
 
 
-@dataclass(frozen=True)
-class _Message:
+class _Message(namedtuple("_Message", "version type xid body")):
+    __slots__ = ()
     version: int
     type: int
     xid: int
@@ -206,7 +211,7 @@ class _Channel:
     socket buffers and stall the two of us; echo requests are answered whenever they arrive.
     Every wait has its own deadline, `timeout` from its start; an echo does not extend it."""
 
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
+    def __init__(self, sock: _socket.socket, timeout: float) -> None:
         sock.setblocking(False)
         self._sock, self._timeout = sock, timeout
         self._poll = select.poll()
@@ -467,11 +472,11 @@ def _choose(choose: Callable[[SwitchView], Choice], view: SwitchView) -> Choice:
 # ---- the bundle ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Xids:
+class _Xids(namedtuple("_Xids", "open n")):
     """One consecutive block: open, one per flow mod, staged barrier, commit (or discard),
     final barrier. An error names the xid of what it refuses: this says which that was."""
 
+    __slots__ = ()
     open: int
     n: int
 
@@ -552,9 +557,11 @@ def _stage(channel: _Channel, flow_mods: Sequence[bytes], xids: _Xids) -> list[s
 
 def _discard(channel: _Channel, xids: _Xids) -> None:
     """Best effort: closing the connection drops an uncommitted bundle as well."""
-    with suppress(_Failed):
+    try:
         channel.send(_control(xids.commit, OFPBCT_DISCARD_REQUEST), "the bundle discard")
         _reply(channel, xids.commit, OFPT_BUNDLE_CONTROL, "the discard reply")
+    except _Failed:
+        pass
 
 
 def _commit(channel: _Channel, xids: _Xids) -> None:
@@ -584,7 +591,7 @@ def _install(channel: _Channel, flow_mods: Sequence[bytes]) -> int:
 # ---- one connection, start to end -----------------------------------------------------------
 
 
-def restore_connection(sock: socket.socket, choose: Callable[[SwitchView], Choice],
+def restore_connection(sock: _socket.socket, choose: Callable[[SwitchView], Choice],
                        timeout: float = 5.0) -> Outcome:
     """Serve one switch connection: handshake, SwitchView, choose, install; always closes
     `sock`. Never raises: socket errors, timeouts, refusals and malformed replies come back as
@@ -609,5 +616,7 @@ def restore_connection(sock: socket.socket, choose: Callable[[SwitchView], Choic
     except Exception as exc:  # noqa: BLE001 - a bug here must not end the thread unreported
         return Outcome(dpid, 0, f"unexpected error in the restorer: {exc!r}")
     finally:
-        with suppress(OSError):
+        try:
             sock.close()
+        except OSError:
+            pass

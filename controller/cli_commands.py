@@ -1,27 +1,27 @@
-"""The `goldilocks` command."""
+"""The `goldilocks` command's parser and commands (its entry point is controller/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import json
-import sys
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from controller.model import PROTOCOLS
 
-# The compiler, engine and explainer are imported by the commands that use them: `goldilocks
-# run` must reach its flow restorer (controller/warmstart.py) before anything slow is loaded.
+# The compiler, engine and explainer are imported by the commands that use them: the ones that
+# need none start sooner.
 if TYPE_CHECKING:
     from controller.engine import Engine
     from controller.flows.compile import World
     from controller.policy.explain import Explanation
     from controller.scenario import Scenario, ScenarioError
+    from controller.warmstart import Restores
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-RESTORES_FIRST_S = 1.0  # then they go on beside the controller's start (controller/warmstart.py)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -217,23 +217,42 @@ def cmd_sim(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return run_many(args, out)
 
 
-def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO, restores: Restores | None = None) -> int:
+    """`restores`: those started from the configuration's restore plan before the command line
+    was parsed (controller/cli.py); without them, they start once the file is parsed."""
     import logging
 
     from controller.config import ConfigError, load_config
-    from controller.warmstart import start_restores
+    from controller.warmstart import (
+        FIRST_WAIT_S,
+        LOGGER,
+        plan_of,
+        plan_path,
+        start_restores,
+        store_plan,
+    )
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(str(exc), file=err)
         return EXIT_INVALID
+    early = restores is not None
+    if restores is None:
+        restores = start_restores(config)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # First, and waited for up to a second: the imports below take about that long, and would
-    # hold the interpreter the restores run in.
-    restores = start_restores(config)
+    log = logging.getLogger(LOGGER)
+    if early:
+        log.info("flow restores started from the restore plan %s, before the configuration was parsed",
+                 plan_path(args.config))
     if restores is not None:
-        restores.wait(RESTORES_FIRST_S)
+        restores.report_to(log)
+    if (problem := store_plan(args.config, plan_of(config))) is not None:
+        log.warning("%s; the next start restores after parsing its configuration", problem)
+    if restores is not None:
+        # Waited for up to a second: the imports below take about that long, and would hold
+        # the interpreter the restores run in.
+        restores.wait(FIRST_WAIT_S)
     from controller.scenario import ScenarioError
     from controller.service import run
 
@@ -350,9 +369,9 @@ def cmd_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _when(epoch: float) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def cmd_audit(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -429,15 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_command(argv: Sequence[str], out: TextIO, err: TextIO, restores: Restores | None = None) -> int:
+    """Run the command line `argv`; `restores` already started for `run` (controller/cli.py)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.func is cmd_policy and args.action == "apply" and not args.file:
         parser.error("policy apply needs FILE")
     if args.func is cmd_policy and args.action == "revert" and args.revision is None:
         parser.error("policy revert needs --revision N")
+    if args.func is cmd_run:
+        return cmd_run(args, out, err, restores)
     return int(args.func(args, out, err))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

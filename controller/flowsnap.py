@@ -15,29 +15,33 @@ nothing it was compiled from can have changed:
 - the switch has exactly the ports (number and name) it had, and speaks OpenFlow 1.4.
 
 Anything else — or any doubt — and the bridge stays empty (closed) for the full controller,
-which reconciles every bridge as on any start, snapshot or not. Standard library only: this
+which reconciles every bridge as on any start, snapshot or not. Standard library only, and of
+that only what is cheap to import (named tuples, not dataclasses; os.path, not pathlib): this
 module is imported before the slow imports it exists to get ahead of.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections import namedtuple
 
 from apps.restore import OFP_HEADER, OFP_VERSION, OFPT_FLOW_MOD
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (apps/restore.py)
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
 
 OF14 = OFP_VERSION  # the only version restored: the app's bundles are OpenFlow 1.4's own messages
 
 SQLITE_PREFIX = "sqlite:///"
 
 
-@dataclass(frozen=True)
-class FlowSnapshot:
+class FlowSnapshot(namedtuple("FlowSnapshot",
+                              "dpid generation config_digest ports valid_until taken_at flow_mods")):
     """One bridge's installed table as complete OFPT_FLOW_MOD (add) messages, and what it assumed."""
 
+    __slots__ = ()
     dpid: int
     generation: int  # the store's state generation the table was compiled from
     config_digest: str  # sha256 of the configuration file the controller ran with
@@ -72,12 +76,12 @@ def unpack_flow_mods(blob: bytes) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def sqlite_path(url: str) -> Path | None:
+def sqlite_path(url: str) -> str | None:
     """The file of a `sqlite:///PATH` URL; None for another database (no restore then)."""
     if not url.startswith(SQLITE_PREFIX) or "?" in url:
         return None
     path = url[len(SQLITE_PREFIX):]
-    return Path(path) if path and path != ":memory:" else None
+    return path if path and path != ":memory:" else None
 
 
 # ---- the decision (pure) ------------------------------------------------------------------------
@@ -113,17 +117,17 @@ def _port_change(before: frozenset[tuple[int, str]], after: frozenset[tuple[int,
 # ---- reading them back (standard-library sqlite3, read-only) --------------------------------
 
 
-@dataclass(frozen=True)
-class StoredSnapshots:
+class StoredSnapshots(namedtuple("StoredSnapshots", "generation by_dpid")):
+    __slots__ = ()
     generation: int | None  # None: a database without snapshots (older schema, or none yet)
     by_dpid: Mapping[int, FlowSnapshot]
 
 
-def load_snapshots(path: Path) -> StoredSnapshots:
+def load_snapshots(path: str | os.PathLike[str]) -> StoredSnapshots:
     """Every bridge's snapshot and the current state generation, in one read transaction.
     A missing file or table reads as none; a damaged snapshot is skipped (the full controller
     repairs the bridge as on any start)."""
-    if not path.exists():
+    if not os.path.exists(path):
         return StoredSnapshots(None, {})
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
@@ -155,8 +159,42 @@ def _snapshot(row: Sequence[object]) -> FlowSnapshot | None:
 
 
 def encode_ports(ports: frozenset[tuple[int, str]]) -> str:
+    """The ports column: JSON, `[[1, "vnet0"], [2, "vnet1"]]`, sorted."""
+    import json  # here, not at the top: json loads re, ~10 ms of a restore's start
+
     return json.dumps(sorted([n, name] for n, name in ports))
 
 
 def decode_ports(text: str) -> frozenset[tuple[int, str]]:
+    plain = _plain_ports(text)
+    if plain is not None:
+        return plain
+    import json  # a name JSON escapes (rare): the full decoder, imported only then
+
     return frozenset((int(n), str(name)) for n, name in json.loads(text))
+
+
+# What json.dumps writes verbatim inside quotes: ports named only with these (all of libvirt's
+# and Goldilocks' own) are read back without importing json.
+_PLAIN_NAME = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:@+=/")
+
+
+def _plain_ports(text: str) -> frozenset[tuple[int, str]] | None:
+    """`text` read without json when it is exactly what encode_ports writes for plain names
+    (checked by writing it again); None for anything else."""
+    if text == "[]":
+        return frozenset()
+    if not (text.startswith("[[") and text.endswith('"]]')):
+        return None
+    pairs = []
+    for item in text[2:-2].split("], ["):
+        number, sep, name = item.partition(', "')
+        if not sep or not (number.isascii() and number.isdigit()) or not name.endswith('"'):
+            return None
+        name = name[:-1]
+        if not _PLAIN_NAME.issuperset(name):
+            return None
+        pairs.append((int(number), name))
+    if "[" + ", ".join(f'[{n}, "{name}"]' for n, name in sorted(pairs)) + "]" != text:
+        return None
+    return frozenset(pairs)

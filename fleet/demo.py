@@ -56,7 +56,7 @@ def run_demo(out: TextIO, stay: bool = False) -> int:
 
 
 def show_api(controller: Controller, out: TextIO) -> None:
-    from controller.cli import _print_explanation
+    from controller.cli_commands import _print_explanation
 
     src, dst, proto, port = EXPLAIN
     env = f"GOLDILOCKS_API={controller.api_url} GOLDILOCKS_TOKEN={controller.token}"

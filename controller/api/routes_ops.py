@@ -12,7 +12,7 @@ from controller.api import schemas as s
 from controller.api.auth import ADMIN, AUDIT, READ, allow
 from controller.api.deps import Services, Svc
 from controller.api.errors import Unprocessable
-from controller.cli import explanation_json
+from controller.cli_commands import explanation_json
 from controller.model import normalize_ipv4
 from controller.store import NotFound
 from controller.store.records import Principal, Role

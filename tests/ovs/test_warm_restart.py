@@ -51,10 +51,32 @@ def test_an_emptied_bridge_gets_its_table_back_before_the_controller_is_up_and_n
     restored = re.findall(r": restored (\d+) flow mods from its snapshot", log)
     assert len(restored) == 2, log
     assert sorted(int(n) for n in restored) == sorted(len(before[hv]) for hv in lab.bridges)
+    # from the plan the first start left beside the configuration, before even parsing it
+    assert re.search(r"flow restores started from the restore plan \S+goldilocks\.yaml\.restore, before the "
+                     r"configuration was parsed", log), log
     # before os-ken was even loaded, and the full controller then sent nothing at all
     assert log.rindex(": restored") < log.index("loading app apps.goldilocks_app"), log
     assert all("(0 bundles, 0 flow mods sent so far)" in line for line in in_sync_lines(log)), log
     assert {hv: lab.installed(hv) for hv in lab.bridges} == before
+
+
+def test_a_plan_others_could_have_written_is_ignored_and_the_start_restores_after_parsing(lab: Lab) -> None:
+    # The plan names the database whose flows go onto the bridges: one that is group- or
+    # world-writable is not trusted. The start reads the configuration file instead, restores
+    # all the same, and leaves a private plan for the next.
+    snapshots_stored(lab)
+    before = {hv: lab.installed(hv) for hv in lab.bridges}
+    plan = lab.tmp / "goldilocks.yaml.restore"
+    plan.chmod(0o666)
+    lab.kill9()
+    empty_the_bridges(lab)
+    lab.start()
+    wait_for("both tables back", lambda: all(lab.installed(hv) == before[hv] for hv in lab.bridges), timeout=TIMEOUT)
+    wait_for("the full controller in sync on both bridges", lambda: len(in_sync_lines(lab.log())) >= 2, timeout=TIMEOUT)
+    log = lab.log()
+    assert "from the restore plan" not in log, log
+    assert len(re.findall(r": restored \d+ flow mods from its snapshot", log)) == 2, log
+    assert plan.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_changed_database_refuses_the_snapshot_and_the_bridge_stays_closed_until_the_controller_compiles(
