@@ -48,6 +48,8 @@ from fleet.control import free_port
 from tests.ovs.harness import OvsSandbox
 
 ROOT = Path(__file__).resolve().parents[2]
+# The command an operator runs: the console script of this interpreter's environment.
+GOLDILOCKS = Path(sys.executable).parent / "goldilocks"
 BRIDGE = "glpeer"
 HYPERVISOR = "hv1"
 DPID = 1
@@ -115,7 +117,11 @@ class GoldLab:
                        "connection-mode=out-of-band", "max_backoff=1000")
 
     def _config(self) -> Path:
-        path = self.dir / f"goldilocks-{self.starts}.yaml"
+        """The configuration of the database in use: one file per database, written once, as an
+        operator's stays put between restarts (its restore plan is kept beside it)."""
+        path = self.dir / f"goldilocks-{self.database}.yaml"
+        if path.exists():
+            return path
         path.write_text(yaml.safe_dump({
             "scenario": str(self.scenario),
             "database": f"sqlite:///{self.dir / f'goldilocks-{self.database}.db'}",
@@ -133,7 +139,7 @@ class GoldLab:
         config = self._config()
         began = time.time()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ovs.netns, sys.executable, "-m", "controller.cli",
+            self.proc = subprocess.Popen(["ip", "netns", "exec", self.ovs.netns, str(GOLDILOCKS),
                                           "run", "--config", str(config)], cwd=ROOT,
                                          env={**os.environ, "GOLDILOCKS_ADMIN_TOKEN": TOKEN},
                                          stdout=log, stderr=subprocess.STDOUT)
