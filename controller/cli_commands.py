@@ -249,7 +249,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO, err: TextIO, restores: Restor
         restores.report_to(log)
     if (problem := store_plan(args.config, plan_of(config))) is not None:
         log.warning("%s; the next start restores after parsing its configuration", problem)
-    if restores is not None:
+    if restores is not None and not early:  # early ones were waited for before the imports above
         # Waited for up to a second: the imports below take about that long, and would hold
         # the interpreter the restores run in.
         restores.wait(FIRST_WAIT_S)
