@@ -39,15 +39,21 @@ def in_sync_lines(log: str) -> list[str]:
     return re.findall(r"bridge of \S+ in sync: .*", log)
 
 
-def test_an_emptied_bridge_gets_its_table_back_before_the_controller_is_up_and_nothing_changes_after(lab: Lab) -> None:
-    snapshots_stored(lab)
-    before = {hv: lab.installed(hv) for hv in lab.bridges}
+def restart_on_emptied_bridges(lab: Lab, before: dict[str, object]) -> str:
+    """kill -9, every bridge emptied, started again: its log once the tables are `before` again
+    and the full controller is in sync on both bridges."""
     lab.kill9()
     empty_the_bridges(lab)
     lab.start()
     wait_for("both tables back", lambda: all(lab.installed(hv) == before[hv] for hv in lab.bridges), timeout=TIMEOUT)
     wait_for("the full controller in sync on both bridges", lambda: len(in_sync_lines(lab.log())) >= 2, timeout=TIMEOUT)
-    log = lab.log()
+    return lab.log()
+
+
+def test_an_emptied_bridge_gets_its_table_back_before_the_controller_is_up_and_nothing_changes_after(lab: Lab) -> None:
+    snapshots_stored(lab)
+    before = {hv: lab.installed(hv) for hv in lab.bridges}
+    log = restart_on_emptied_bridges(lab, before)
     restored = re.findall(r": restored (\d+) flow mods from its snapshot", log)
     assert len(restored) == 2, log
     assert sorted(int(n) for n in restored) == sorted(len(before[hv]) for hv in lab.bridges)
@@ -68,12 +74,7 @@ def test_a_plan_others_could_have_written_is_ignored_and_the_start_restores_afte
     before = {hv: lab.installed(hv) for hv in lab.bridges}
     plan = lab.tmp / "goldilocks.yaml.restore"
     plan.chmod(0o666)
-    lab.kill9()
-    empty_the_bridges(lab)
-    lab.start()
-    wait_for("both tables back", lambda: all(lab.installed(hv) == before[hv] for hv in lab.bridges), timeout=TIMEOUT)
-    wait_for("the full controller in sync on both bridges", lambda: len(in_sync_lines(lab.log())) >= 2, timeout=TIMEOUT)
-    log = lab.log()
+    log = restart_on_emptied_bridges(lab, before)
     assert "from the restore plan" not in log, log
     assert len(re.findall(r": restored \d+ flow mods from its snapshot", log)) == 2, log
     assert plan.stat().st_mode & 0o777 == 0o600
