@@ -27,6 +27,7 @@ from bench.peer.common import (
     BenchError,
     BridgeWatch,
     FlowCount,
+    FlowCounter,
     Summary,
     echo_round_trip,
     flow_count,
@@ -131,13 +132,14 @@ class GoldLab:
             "log_level": "INFO"}))
         return path
 
-    def start(self, fresh: bool = True) -> float:
-        """Start the controller on a fresh, empty database (or the last one); the wall-clock time it started."""
+    def start(self, fresh: bool = True) -> tuple[float, float]:
+        """Start the controller on a fresh, empty database (or the last one); the wall-clock and
+        monotonic times it started (before the process is spawned, as ovn.py times ovn-controller)."""
         self.starts += 1
         self.database += fresh
         self.log_path = self.dir / f"controller-{self.starts}.log"
         config = self._config()
-        began = time.time()
+        began = time.time(), time.monotonic()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.ovs.netns, str(GOLDILOCKS),
                                           "run", "--config", str(config)], cwd=ROOT,
@@ -145,7 +147,8 @@ class GoldLab:
                                          stdout=log, stderr=subprocess.STDOUT)
         return began
 
-    def boot(self, fresh: bool = True, target: int | None = None) -> tuple[float, float, float, float | None]:
+    def boot(self, fresh: bool = True, target: int | None = None,
+             count: Callable[[], int] | None = None) -> tuple[float, float, float, float | None]:
         """(Re)start the controller from nothing: killed, the bridge emptied and its controller
         target parked on a dead address until the OpenFlow listener is up, then given back at
         once, as a switch already retrying would connect (OVS would otherwise wait out its
@@ -154,12 +157,12 @@ class GoldLab:
         controller has already put back (controller/warmstart.py).
         Returns the start's wall-clock and monotonic times, the seconds to listening and, given
         a `target` flow count, the seconds until the bridge first held that many flows, which
-        may come before the listener when a flow snapshot is restored."""
+        may come before the listener when a flow snapshot is restored (counted by `count`, by
+        default `ovs-ofctl dump-aggregate`)."""
         self.kill()
         self.ovs.vsctl("set-controller", BRIDGE, PARKED)
         self.ovs.del_flows(BRIDGE)
-        wall = self.start(fresh)
-        start = time.monotonic()
+        wall, start = self.start(fresh)
         assert self.proc is not None
         is_listening = functools.partial(listening, self.proc.pid, self.of_port)
         up: float | None = None
@@ -170,7 +173,7 @@ class GoldLab:
             if up is None and is_listening():
                 up = time.monotonic() - start
                 self.set_controller()
-            if full is None and target is not None and self.count() == target:
+            if full is None and target is not None and (count or self.count)() == target:
                 full = time.monotonic() - start
             return up is not None and (target is None or full is not None)
 
@@ -368,20 +371,21 @@ def cold_start(lab: GoldLab, target: int, reps: int, fresh: bool = True) -> dict
     switch already retrying would connect (OVS would otherwise wait out its reconnect backoff;
     the bridge is empty, so OVS's flush on a first controller costs nothing)."""
     full, boot, connect, ready, install, restored, in_sync = [], [], [], [], [], [], []
-    for _ in range(reps):
-        if not fresh:  # a controller that has run a while has stored its bridge's flow snapshot
-            lab.snapshot_stored()
-        wall, _, up, done = lab.boot(fresh, target)
-        boot.append(up)
-        assert done is not None
-        full.append(done)
-        lab.synced_since(wall)
-        connect += [t - wall for t in lab.log_times("connected", wall)[:1]]
-        dumping, synced = lab.log_times(": dumping", wall)[:1], lab.log_times("in sync", wall)[:1]
-        ready += [t - wall for t in dumping]
-        install += [b - a for a, b in zip(dumping, synced, strict=False)]
-        restored += [t - wall for t in lab.log_times(": restored ", wall)[:1]]
-        in_sync += [t - wall for t in synced]
+    with FlowCounter(lab.ovs, BRIDGE) as counter:
+        for _ in range(reps):
+            if not fresh:  # a controller that has run a while has stored its bridge's flow snapshot
+                lab.snapshot_stored()
+            wall, _, up, done = lab.boot(fresh, target, counter.count)
+            boot.append(up)
+            assert done is not None
+            full.append(done)
+            lab.synced_since(wall)
+            connect += [t - wall for t in lab.log_times("connected", wall)[:1]]
+            dumping, synced = lab.log_times(": dumping", wall)[:1], lab.log_times("in sync", wall)[:1]
+            ready += [t - wall for t in dumping]
+            install += [b - a for a, b in zip(dumping, synced, strict=False)]
+            restored += [t - wall for t in lab.log_times(": restored ", wall)[:1]]
+            in_sync += [t - wall for t in synced]
     database = "empty database seeded from the scenario" if fresh else "the database of the run before"
     out: dict[str, Any] = {**Summary.of(full).ms(), "what": f"goldilocks run started ({database}, bridge emptied) → "
                            "all flows on the bridge", "restored_from_snapshot": len(restored)}
