@@ -24,11 +24,11 @@ holds `goldilocks run` to that.
 
 from __future__ import annotations
 
-# The socket and hashlib modules cost a start ~10 ms each (enum conversions; OpenSSL's libcrypto):
-# the C modules beneath them do what a restore needs.
+# The socket and hashlib modules cost a start ~10 ms each (enum conversions; OpenSSL's libcrypto),
+# threading ~3 ms (functools, weakref sets): the C modules beneath them do what a restore needs.
 import _socket
+import _thread
 import os
-import threading
 import time
 from collections import namedtuple
 
@@ -78,22 +78,26 @@ class Restores:
 
     def __init__(self, jobs: dict[str, Callable[[], Outcome]]) -> None:
         self._outcomes: dict[str, Outcome] = {}
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()
         self._unreported: list[tuple[str, Outcome, float]] = []
         self._logger: logging.Logger | None = None
-        self._threads = [threading.Thread(target=self._run, args=(hv, job), name=f"restore-{hv}", daemon=True)
-                         for hv, job in sorted(jobs.items())]
+        self._jobs = sorted(jobs.items())
+        # One per job, held until it ends: what `wait` waits on. The threads are bare _thread
+        # ones, which (like daemon threads) do not hold up the interpreter's exit.
+        self._running = [_thread.allocate_lock() for _ in self._jobs]
 
     def start(self) -> Restores:
-        for t in self._threads:
-            t.start()
+        for (hypervisor, job), running in zip(self._jobs, self._running, strict=True):
+            running.acquire()
+            _thread.start_new_thread(self._run, (hypervisor, job, running))
         return self
 
     def wait(self, timeout: float = TIMEOUT_S + 1.0) -> dict[str, Outcome]:
         """Every outcome, once each restore has ended (or `timeout` has passed)."""
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        for running in self._running:
+            if running.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                running.release()
         with self._lock:
             return dict(self._outcomes)
 
@@ -106,14 +110,17 @@ class Restores:
         for hypervisor, outcome, at in ended:
             log_outcome(logger, hypervisor, outcome, at)
 
-    def _run(self, hypervisor: str, job: Callable[[], Outcome]) -> None:
-        outcome = job()
-        at = time.time()
-        with self._lock:
-            self._outcomes[hypervisor] = outcome
-            logger = self._logger
-            if logger is None:
-                self._unreported.append((hypervisor, outcome, at))
+    def _run(self, hypervisor: str, job: Callable[[], Outcome], running: _thread.LockType) -> None:
+        try:
+            outcome = job()
+            at = time.time()
+            with self._lock:
+                self._outcomes[hypervisor] = outcome
+                logger = self._logger
+                if logger is None:
+                    self._unreported.append((hypervisor, outcome, at))
+        finally:
+            running.release()
         if logger is not None:
             log_outcome(logger, hypervisor, outcome, at)
 
