@@ -22,9 +22,9 @@ module is imported before the slow imports it exists to get ahead of.
 
 from __future__ import annotations
 
-import os
 # sqlite3 is this C module plus adapters that import datetime: ~2 ms of a restart, for nothing here.
 import _sqlite3 as sqlite3
+import os
 from collections import namedtuple
 
 from apps.restore import OFP_HEADER, OFP_VERSION, OFPT_FLOW_MOD
