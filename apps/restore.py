@@ -147,6 +147,7 @@ _AGGREGATE_REPLY = struct.Struct("!QQI4x")  # packet_count, byte_count, flow_cou
 _ERROR = struct.Struct("!HH")  # ofp_error_msg: type, code
 _EXPERIMENTER_ERROR = struct.Struct("!HHI")  # type (0xffff), exp_code, experimenter
 _MATCH = struct.Struct("!HH")  # ofp_match: type, length (without padding)
+_AGGREGATE_ALL = _AGGREGATE_REQUEST.pack(OFPTT_ALL, OFPP_ANY, OFPG_ANY, 0, 0, OFPMT_OXM, _MATCH.size)
 _BUNDLE_CTRL_BODY = struct.Struct("!IHH")  # ofp_bundle_ctrl_msg after its ofp_header: bundle_id, type, flags
 _BUNDLE_CTRL = struct.Struct("!BBHI" + _BUNDLE_CTRL_BODY.format[1:])
 # ofp_header, bundle_id, pad, flags, then the inner message's own ofp_header (its xid rewritten)
@@ -345,6 +346,29 @@ def _negotiate(hello: _Message) -> int | None:
     return max(common) if common else None
 
 
+class _Asked(namedtuple("_Asked", "features ports count")):
+    """The xids of the OpenFlow 1.4 requests a restore sends once the hellos are through."""
+
+    __slots__ = ()
+    features: int
+    ports: int
+    count: int
+
+
+def _ask(channel: _Channel) -> _Asked:
+    """The requests a restore needs (features, port description, aggregate flow count), in one
+    write: the switch reads them in one pass of its main loop, where one at a time each would
+    wait for a pass of its own (~0.7 ms at 100 ports, ~10 ms at 2,000, in ovs-vswitchd's
+    userspace datapath). Only after the hellos: OVS drops a connection that sends a message in
+    a version other than the one negotiated."""
+    asked = _Asked(*(channel.xids(1) for _ in range(3)))
+    channel.send(_message(OFPT_FEATURES_REQUEST, asked.features)
+                 + _multipart_request(asked.ports, OFPMP_PORT_DESC, b"")
+                 + _multipart_request(asked.count, OFPMP_AGGREGATE, _AGGREGATE_ALL),
+                 "the features, port description and flow count requests")
+    return asked
+
+
 def _hello(channel: _Channel) -> int:
     """Exchange hellos; returns the negotiated version (raises when there is none)."""
     channel.send(_message(OFPT_HELLO, channel.xids(1)), "our hello")
@@ -361,21 +385,24 @@ def _hello(channel: _Channel) -> int:
     return version
 
 
-def _features(channel: _Channel, version: int) -> int:
-    """The datapath id (first in the features reply of every OpenFlow version)."""
-    xid = channel.xids(1)
-    channel.send(_message(OFPT_FEATURES_REQUEST, xid, version=version), "the features request")
+def _features(channel: _Channel, version: int, xid: int | None = None) -> int:
+    """The datapath id (first in the features reply of every OpenFlow version): the reply to
+    request `xid`, or to one sent now in `version`."""
+    if xid is None:
+        xid = channel.xids(1)
+        channel.send(_message(OFPT_FEATURES_REQUEST, xid, version=version), "the features request")
     reply = _reply(channel, xid, OFPT_FEATURES_REPLY, "the features reply")
     if len(reply.body) < _FEATURES.size:
         raise _Failed(f"malformed features reply ({len(reply.body)} bytes of body)")
     return int(_FEATURES.unpack_from(reply.body)[0])
 
 
-def _multipart(channel: _Channel, mp_type: int, body: bytes, what: str) -> Iterable[bytes]:
-    """Send one multipart request; yields the body of each reply part (OFPMPF_REPLY_MORE)."""
-    xid = channel.xids(1)
-    channel.send(_message(OFPT_MULTIPART_REQUEST, xid, _MULTIPART.pack(mp_type, 0) + body),
-                 f"the {what} request")
+def _multipart_request(xid: int, mp_type: int, body: bytes) -> bytes:
+    return _message(OFPT_MULTIPART_REQUEST, xid, _MULTIPART.pack(mp_type, 0) + body)
+
+
+def _multipart(channel: _Channel, xid: int, mp_type: int, what: str) -> Iterable[bytes]:
+    """The body of each part of the reply to multipart request `xid` (OFPMPF_REPLY_MORE)."""
     while True:
         reply = _reply(channel, xid, OFPT_MULTIPART_REPLY, what)
         if len(reply.body) < _MULTIPART.size:
@@ -401,17 +428,15 @@ def _parse_ports(data: bytes) -> Iterable[tuple[int, str]]:
         offset += length
 
 
-def _ports(channel: _Channel) -> frozenset[tuple[int, str]]:
-    parts = _multipart(channel, OFPMP_PORT_DESC, b"", "port description")
+def _ports(channel: _Channel, xid: int) -> frozenset[tuple[int, str]]:
+    parts = _multipart(channel, xid, OFPMP_PORT_DESC, "port description")
     return frozenset(port for part in parts for port in _parse_ports(part)
                      if port[0] < OFPP_MAX)  # not LOCAL, CONTROLLER, ...
 
 
-def _flow_count(channel: _Channel) -> int:
-    """Flows in every table, whatever their cookie (an empty match matches all)."""
-    request = _AGGREGATE_REQUEST.pack(OFPTT_ALL, OFPP_ANY, OFPG_ANY, 0, 0, OFPMT_OXM,
-                                      _MATCH.size)
-    parts = list(_multipart(channel, OFPMP_AGGREGATE, request, "aggregate flow statistics"))
+def _flow_count(channel: _Channel, xid: int) -> int:
+    """Flows in every table, whatever their cookie (the request: _AGGREGATE_ALL)."""
+    parts = list(_multipart(channel, xid, OFPMP_AGGREGATE, "aggregate flow statistics"))
     if len(parts) != 1 or len(parts[0]) < _AGGREGATE_REPLY.size:
         raise _Failed(f"malformed aggregate flow statistics ({len(parts)} parts, "
                       f"{sum(map(len, parts))} bytes)")
@@ -600,11 +625,12 @@ def restore_connection(sock: _socket.socket, choose: Callable[[SwitchView], Choi
     try:
         channel = _Channel(sock, timeout)
         version = _hello(channel)
-        dpid = _features(channel, version)  # also for another version: the log names the switch
-        if version != OFP_VERSION:
-            return Outcome(dpid, 0, f"the switch speaks {_version_name(version)}; only "
-                                    f"{_version_name(OFP_VERSION)} is restored")
-        view = SwitchView(dpid, version, _ports(channel), _flow_count(channel))
+        if version != OFP_VERSION:  # the log names the switch all the same
+            return Outcome(_features(channel, version), 0, f"the switch speaks {_version_name(version)}; "
+                                                           f"only {_version_name(OFP_VERSION)} is restored")
+        asked = _ask(channel)
+        dpid = _features(channel, version, asked.features)
+        view = SwitchView(dpid, version, _ports(channel, asked.ports), _flow_count(channel, asked.count))
         choice = _choose(choose, view)
         if isinstance(choice, str):
             return Outcome(dpid, 0, choice)
