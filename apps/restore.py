@@ -147,7 +147,8 @@ _AGGREGATE_REPLY = struct.Struct("!QQI4x")  # packet_count, byte_count, flow_cou
 _ERROR = struct.Struct("!HH")  # ofp_error_msg: type, code
 _EXPERIMENTER_ERROR = struct.Struct("!HHI")  # type (0xffff), exp_code, experimenter
 _MATCH = struct.Struct("!HH")  # ofp_match: type, length (without padding)
-_AGGREGATE_ALL = _AGGREGATE_REQUEST.pack(OFPTT_ALL, OFPP_ANY, OFPG_ANY, 0, 0, OFPMT_OXM, _MATCH.size)
+# The body of an aggregate request for every flow (bench/peer/common.py counts with it too).
+AGGREGATE_ALL = _AGGREGATE_REQUEST.pack(OFPTT_ALL, OFPP_ANY, OFPG_ANY, 0, 0, OFPMT_OXM, _MATCH.size)
 _BUNDLE_CTRL_BODY = struct.Struct("!IHH")  # ofp_bundle_ctrl_msg after its ofp_header: bundle_id, type, flags
 _BUNDLE_CTRL = struct.Struct("!BBHI" + _BUNDLE_CTRL_BODY.format[1:])
 # ofp_header, bundle_id, pad, flags, then the inner message's own ofp_header (its xid rewritten)
@@ -364,7 +365,7 @@ def _ask(channel: _Channel) -> _Asked:
     asked = _Asked(*(channel.xids(1) for _ in range(3)))
     channel.send(_message(OFPT_FEATURES_REQUEST, asked.features)
                  + _multipart_request(asked.ports, OFPMP_PORT_DESC, b"")
-                 + _multipart_request(asked.count, OFPMP_AGGREGATE, _AGGREGATE_ALL),
+                 + _multipart_request(asked.count, OFPMP_AGGREGATE, AGGREGATE_ALL),
                  "the features, port description and flow count requests")
     return asked
 
@@ -435,7 +436,7 @@ def _ports(channel: _Channel, xid: int) -> frozenset[tuple[int, str]]:
 
 
 def _flow_count(channel: _Channel, xid: int) -> int:
-    """Flows in every table, whatever their cookie (the request: _AGGREGATE_ALL)."""
+    """Flows in every table, whatever their cookie (the request: AGGREGATE_ALL)."""
     parts = list(_multipart(channel, xid, OFPMP_AGGREGATE, "aggregate flow statistics"))
     if len(parts) != 1 or len(parts[0]) < _AGGREGATE_REPLY.size:
         raise _Failed(f"malformed aggregate flow statistics ({len(parts)} parts, "

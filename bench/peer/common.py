@@ -18,6 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from apps.restore import (
+    AGGREGATE_ALL,
+    OFP_HEADER,
+    OFP_VERSION,
+    OFPMP_AGGREGATE,
+    OFPT_ECHO_REPLY,
+    OFPT_ECHO_REQUEST,
+    OFPT_ERROR,
+    OFPT_HELLO,
+    OFPT_MULTIPART_REPLY,
+    OFPT_MULTIPART_REQUEST,
+)
 from bench.peer.workload import Vm, Workload
 from tests.ovs.harness import OvsSandbox, VmPort, ping, tcp_connect, tcp_server
 
@@ -176,14 +188,8 @@ class BridgeWatch:
 # ---- ports: most VMs are internal ports (no namespace), the probes real namespaces
 
 
-_OFP_HEADER = struct.Struct("!BBHI")  # version, type, length, xid
-OFPT_HELLO, OFPT_ERROR, OFPT_ECHO_REQUEST, OFPT_ECHO_REPLY = 0, 1, 2, 3
-OFPT_MULTIPART_REQUEST, OFPT_MULTIPART_REPLY, OFPMP_AGGREGATE = 18, 19, 2
-OFP14_VERSION, OFPTT_ALL, OFPP_ANY, OFPG_ANY, OFPMT_OXM = 0x05, 0xFF, 0xFFFFFFFF, 0xFFFFFFFF, 1
-# header; multipart type, flags, pad; table, pad, out_port, out_group, pad, cookie, cookie mask;
-# an empty OXM match (type, length, padding to 8 bytes)
-_AGGREGATE_REQUEST = struct.Struct("!BBHI HH4x B3xII4xQQ HH4x")
-_AGGREGATE_REPLY = struct.Struct("!HH4x QQI")  # multipart type, flags, pad; packets, bytes, flows
+_MULTIPART_HEADER = struct.Struct("!HH4x")  # type, flags, pad
+_AGGREGATE_COUNT = struct.Struct("!16xI")  # after the multipart header: packets, bytes, then flows
 
 
 def _read_message(sock: socket.socket) -> tuple[int, int, int, bytes]:
@@ -197,8 +203,8 @@ def _read_message(sock: socket.socket) -> tuple[int, int, int, bytes]:
             data += chunk
         return data
 
-    version, kind, length, xid = _OFP_HEADER.unpack(exactly(_OFP_HEADER.size))
-    return version, kind, xid, exactly(length - _OFP_HEADER.size)
+    version, kind, length, xid = OFP_HEADER.unpack(exactly(OFP_HEADER.size))
+    return version, kind, xid, exactly(length - OFP_HEADER.size)
 
 
 class FlowCounter:
@@ -213,9 +219,9 @@ class FlowCounter:
         self._xid = 1
         try:
             self._sock.connect(str(ovs.dir / f"{bridge}.mgmt"))
-            self._sock.sendall(_OFP_HEADER.pack(OFP14_VERSION, OFPT_HELLO, _OFP_HEADER.size, self._xid))
+            self._sock.sendall(OFP_HEADER.pack(OFP_VERSION, OFPT_HELLO, OFP_HEADER.size, self._xid))
             theirs, kind, _, _ = _read_message(self._sock)
-            if kind != OFPT_HELLO or theirs < OFP14_VERSION:
+            if kind != OFPT_HELLO or theirs < OFP_VERSION:
                 raise BenchError(f"the switch answered hello with version {theirs}, message type {kind}")
         except BaseException:
             self._sock.close()
@@ -223,18 +229,18 @@ class FlowCounter:
 
     def count(self) -> int:
         self._xid += 1
-        self._sock.sendall(_AGGREGATE_REQUEST.pack(OFP14_VERSION, OFPT_MULTIPART_REQUEST, _AGGREGATE_REQUEST.size,
-                                                   self._xid, OFPMP_AGGREGATE, 0, OFPTT_ALL, OFPP_ANY, OFPG_ANY,
-                                                   0, 0, OFPMT_OXM, 4))
+        body = _MULTIPART_HEADER.pack(OFPMP_AGGREGATE, 0) + AGGREGATE_ALL
+        self._sock.sendall(OFP_HEADER.pack(OFP_VERSION, OFPT_MULTIPART_REQUEST, OFP_HEADER.size + len(body),
+                                            self._xid) + body)
         while True:
             _, kind, xid, body = _read_message(self._sock)
             if kind == OFPT_ECHO_REQUEST:  # an idle connection is probed; unanswered, OVS drops it
-                self._sock.sendall(_OFP_HEADER.pack(OFP14_VERSION, OFPT_ECHO_REPLY, _OFP_HEADER.size + len(body), xid)
+                self._sock.sendall(OFP_HEADER.pack(OFP_VERSION, OFPT_ECHO_REPLY, OFP_HEADER.size + len(body), xid)
                                    + body)
             elif kind == OFPT_ERROR and xid == self._xid:
                 raise BenchError(f"the switch refused the aggregate request: {body.hex()}")
             elif kind == OFPT_MULTIPART_REPLY and xid == self._xid:
-                return int(_AGGREGATE_REPLY.unpack_from(body)[-1])
+                return int(_AGGREGATE_COUNT.unpack_from(body, _MULTIPART_HEADER.size)[0])
 
     def close(self) -> None:
         self._sock.close()
@@ -252,14 +258,14 @@ def echo_round_trip(ovs: OvsSandbox, bridge: str, reps: int = 30) -> dict[str, A
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(str(ovs.dir / f"{bridge}.mgmt"))
-        sock.sendall(_OFP_HEADER.pack(0x06, OFPT_HELLO, _OFP_HEADER.size, 1))
+        sock.sendall(OFP_HEADER.pack(0x06, OFPT_HELLO, OFP_HEADER.size, 1))
         theirs, kind, _, _ = _read_message(sock)
         if kind != OFPT_HELLO:
             raise BenchError(f"the switch answered hello with message type {kind}")
         version, times = min(theirs, 0x06), []
         for xid in range(2, 2 + reps):
             start = time.monotonic()
-            sock.sendall(_OFP_HEADER.pack(version, OFPT_ECHO_REQUEST, _OFP_HEADER.size, xid))
+            sock.sendall(OFP_HEADER.pack(version, OFPT_ECHO_REQUEST, OFP_HEADER.size, xid))
             while _read_message(sock)[1:3] != (OFPT_ECHO_REPLY, xid):
                 pass
             times.append(time.monotonic() - start)
