@@ -111,6 +111,8 @@ class Restores:
             log_outcome(logger, hypervisor, outcome, at)
 
     def _run(self, hypervisor: str, job: Callable[[], Outcome], running: _thread.LockType) -> None:
+        # Released only once the outcome is logged (or kept for report_to): whoever `wait`s
+        # then finds it in the log, not just in the outcomes.
         try:
             outcome = job()
             at = time.time()
@@ -119,10 +121,10 @@ class Restores:
                 logger = self._logger
                 if logger is None:
                     self._unreported.append((hypervisor, outcome, at))
+            if logger is not None:
+                log_outcome(logger, hypervisor, outcome, at)
         finally:
             running.release()
-        if logger is not None:
-            log_outcome(logger, hypervisor, outcome, at)
 
 
 def log_outcome(logger: logging.Logger, hypervisor: str, outcome: Outcome, at: float) -> None:

@@ -198,3 +198,29 @@ def test_an_outcome_that_ends_after_logging_is_set_up_is_logged_as_it_ends(caplo
         restores.wait()
     a.close()
     assert [r.getMessage() for r in caplog.records] == ["hv1: flow snapshot not restored: read b''"]
+
+
+def test_wait_returns_only_after_an_outcome_that_ended_after_report_to_is_logged() -> None:
+    """CI once saw `wait` return while the restore thread was still writing its record."""
+    written: list[str] = []
+
+    class SlowHandler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            time.sleep(0.2)  # a slow log file: the record lands well after the outcome is kept
+            written.append(record.getMessage())
+
+    logger = logging.getLogger("goldilocks.restore.test3")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    handler = SlowHandler()
+    logger.addHandler(handler)
+    try:
+        a, b = socket.socketpair()
+        restores = Restores({"hv1": lambda: Outcome(None, 0, f"read {a.recv(1)!r}")}).start()
+        restores.report_to(logger)
+        b.close()
+        restores.wait()
+        assert written == ["hv1: flow snapshot not restored: read b''"]
+        a.close()
+    finally:
+        logger.removeHandler(handler)
