@@ -85,6 +85,22 @@ def test_goldilocks_run_reaches_the_restorer_before_anything_slow_is_imported() 
     assert out.stdout.split() == ["[]"]
 
 
+def test_the_installed_goldilocks_command_imports_nothing_before_controller_cli() -> None:
+    # A generated console-script wrapper imports `re` before calling main: ~7 ms of every
+    # restart (bin/goldilocks). -X importtime prints each module as its import ends, so what
+    # the command loaded before the restorer shows up above controller.cli's line.
+    command = Path(sys.executable).parent / "goldilocks"
+    out = subprocess.run([sys.executable, "-X", "importtime", str(command), "--help"],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    top_level = [line.rsplit("|", 1)[1].strip() for line in out.stderr.splitlines()
+                 if line.startswith("import time:") and not line.rsplit("|", 1)[1].startswith("  ")]
+    before = top_level[:top_level.index("controller.cli")]
+    started = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stderr
+    interpreter = {line.rsplit("|", 1)[1].strip() for line in started.splitlines() if line.startswith("import time:")}
+    assert [m for m in before if m not in interpreter] == []
+
+
 @pytest.mark.parametrize("ports", [
     frozenset(),
     frozenset({(1, "vnet0"), (2, "vnet1"), (100, "uplink0"), (65534, "br-int")}),
