@@ -8,7 +8,6 @@ external_ids (`vm-id`, `attached-mac`, `iface-id`), so the controller binds them
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
@@ -29,6 +28,7 @@ from bench.peer.common import (
     FlowCount,
     FlowCounter,
     Summary,
+    TcpListeners,
     echo_round_trip,
     flow_count,
     flow_lines,
@@ -162,15 +162,19 @@ class GoldLab:
         self.kill()
         self.ovs.vsctl("set-controller", BRIDGE, PARKED)
         self.ovs.del_flows(BRIDGE)
-        wall, start = self.start(fresh)
-        assert self.proc is not None
-        is_listening = functools.partial(listening, self.proc.pid, self.of_port)
+        with TcpListeners(self.ovs.netns) as listeners:  # the killed controller's listener is gone
+            wall, start = self.start(fresh)
+            up, full = self._wait_up(listeners, start, target, count)
+        return wall, start, up, full
+
+    def _wait_up(self, listeners: TcpListeners, start: float, target: int | None,
+                 count: Callable[[], int] | None) -> tuple[float, float | None]:
         up: float | None = None
         full: float | None = None
 
         def both() -> bool:
             nonlocal up, full
-            if up is None and is_listening():
+            if up is None and listeners.listening(self.of_port):
                 up = time.monotonic() - start
                 self.set_controller()
             if full is None and target is not None and (count or self.count)() == target:
@@ -180,7 +184,7 @@ class GoldLab:
         poll("the OpenFlow listener" + (f" and {target} flows" if target is not None else ""), self.alive(both),
              every=0.005)
         assert up is not None
-        return wall, start, up, full
+        return up, full
 
     def alive(self, check: Callable[[], bool]) -> Callable[[], bool]:
         """`check`, failing the run at once if the controller process has exited."""
@@ -353,15 +357,6 @@ def timed_change(lab: GoldLab, change: Change, reps: int) -> dict[str, Any]:
 def log_missed(state: str) -> None:
     print(f"goldilocks: a change reached the bridge but its flow monitor reported nothing ({state}); "
           "repeating it", file=sys.stderr, flush=True)
-
-
-def listening(pid: int, port: int) -> bool:
-    """Whether process `pid` (in its own network namespace) listens on TCP `port`."""
-    try:
-        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return False
-    return any(row.split()[1].endswith(f":{port:04X}") and row.split()[3] == "0A" for row in rows)
 
 
 def cold_start(lab: GoldLab, target: int, reps: int, fresh: bool = True) -> dict[str, Any]:
