@@ -22,8 +22,6 @@ module is imported before the slow imports it exists to get ahead of.
 
 from __future__ import annotations
 
-# sqlite3 is this C module plus adapters that import datetime: ~2 ms of a restart, for nothing here.
-import _sqlite3 as sqlite3
 import os
 from collections import namedtuple
 
@@ -128,6 +126,11 @@ def load_snapshots(path: str | os.PathLike[str]) -> StoredSnapshots:
     """Every bridge's snapshot and the current state generation, in one read transaction.
     A missing file or table reads as none; a damaged snapshot is skipped (the full controller
     repairs the bridge as on any start)."""
+    # Imported here, not at the top: a restore shakes hands with its switch while the starting
+    # thread imports this (with functools and collections, ~4 ms) and reads the snapshots
+    # (controller/warmstart.py). sqlite3 is this C module plus adapters that import datetime.
+    import _sqlite3 as sqlite3
+
     if not os.path.exists(path):
         return StoredSnapshots(None, {})
     try:

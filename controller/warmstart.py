@@ -179,14 +179,50 @@ def start_restores(config: Config) -> Restores | None:
 
 
 def start_plan(plan: RestorePlan) -> Restores | None:
-    stored = load_snapshots(plan.database)
-    if not stored.by_dpid:
+    """The restores of `plan`, started; None when its database does not exist yet. Each dials
+    its switch and shakes hands while this thread reads the snapshots (~5 ms with the import
+    of sqlite), then chooses once they are read."""
+    if not os.path.exists(plan.database):
         return None
-    return Restores({b.hypervisor: _job(b.mgmt, stored, plan.digest) for b in plan.bridges}).start()
+    loaded = Loaded()
+    restores = Restores({b.hypervisor: _job(b.mgmt, loaded, plan.digest) for b in plan.bridges}).start()
+    stored = StoredSnapshots(None, {})
+    try:
+        stored = load_snapshots(plan.database)
+    finally:
+        loaded.set(stored)  # whatever happened: a restore never waits out its timeout for it
+    return restores
 
 
-def _job(mgmt: str, stored: StoredSnapshots, digest: str) -> Callable[[], Outcome]:
-    return lambda: restore_bridge(mgmt, lambda view: choose_snapshot(stored, digest, view))
+class Loaded:
+    """The stored snapshots, handed from the thread that reads them to the restores."""
+
+    def __init__(self) -> None:
+        self._ready = _thread.allocate_lock()
+        self._ready.acquire()
+        self._stored: StoredSnapshots | None = None
+
+    def set(self, stored: StoredSnapshots) -> None:
+        self._stored = stored
+        self._ready.release()
+
+    def get(self, timeout: float) -> StoredSnapshots | None:
+        """The snapshots, once read; None if that takes longer than `timeout`."""
+        if not self._ready.acquire(timeout=timeout):
+            return None
+        self._ready.release()
+        return self._stored
+
+
+def _job(mgmt: str, loaded: Loaded, digest: str) -> Callable[[], Outcome]:
+    return lambda: restore_bridge(mgmt, lambda view: choose_loaded(loaded, digest, view))
+
+
+def choose_loaded(loaded: Loaded, digest: str, view: SwitchView) -> Choice:
+    stored = loaded.get(TIMEOUT_S)
+    if stored is None:
+        return f"the stored snapshots were not read within {TIMEOUT_S:g} s"
+    return choose_snapshot(stored, digest, view)
 
 
 def plan_of(config: Config) -> RestorePlan | None:

@@ -8,18 +8,23 @@ import hashlib
 import logging
 import os
 import socket
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from apps.restore import Outcome
+from apps.restore import Outcome, SwitchView
 from controller.config import load_config
+from controller.flowsnap import StoredSnapshots
 from controller.warmstart import (
     PLAN_HEADER,
     Bridge,
+    Loaded,
     RestorePlan,
     Restores,
+    choose_loaded,
     load_plan,
     parse_plan,
     plan_of,
@@ -28,6 +33,7 @@ from controller.warmstart import (
     restore_bridge,
     run_config,
     start_early,
+    start_plan,
     store_plan,
 )
 
@@ -224,3 +230,34 @@ def test_wait_returns_only_after_an_outcome_that_ended_after_report_to_is_logged
         a.close()
     finally:
         logger.removeHandler(handler)
+
+
+def test_a_restore_chooses_only_once_the_snapshots_are_read() -> None:
+    # The restores shake hands while the starting thread reads the snapshots (start_plan).
+    loaded, chosen = Loaded(), []
+    view = SwitchView(1, 5, frozenset(), 0)
+    chooser = threading.Thread(target=lambda: chosen.append(choose_loaded(loaded, "digest", view)))
+    chooser.start()
+    time.sleep(0.05)
+    assert chosen == []
+    loaded.set(StoredSnapshots(None, {}))
+    chooser.join(timeout=2)
+    assert chosen == ["no flow snapshot for this bridge"]
+
+
+def test_snapshots_never_read_are_waited_for_no_longer_than_asked() -> None:
+    assert Loaded().get(timeout=0.01) is None
+
+
+def test_no_restore_starts_before_the_database_exists(tmp_path: Path) -> None:
+    plan = RestorePlan("digest", str(tmp_path / "absent.db"), (Bridge("hv1", str(tmp_path / "br-int.mgmt")),))
+    assert start_plan(plan) is None
+
+
+def test_a_restore_started_beside_the_read_reports_what_stopped_it(tmp_path: Path) -> None:
+    sqlite3.connect(tmp_path / "g.db").close()  # a database without snapshot tables
+    plan = RestorePlan("digest", str(tmp_path / "g.db"), (Bridge("hv1", str(tmp_path / "br-int.mgmt")),))
+    restores = start_plan(plan)
+    assert restores is not None
+    outcome = restores.wait(timeout=2)["hv1"]
+    assert outcome.installed == 0 and outcome.reason.startswith(f"cannot reach {tmp_path / 'br-int.mgmt'}: ")
