@@ -4,7 +4,7 @@ VENV := .venv
 
 # bench/peer: VM counts and repetitions (make bench PEER_N="100 500" PEER_REPS=3)
 PEER_N ?= 100 500 1000 2000
-PEER_REPS ?= 5
+PEER_REPS ?= 9
 
 .PHONY: setup test demo bench bench-peer
 
