@@ -121,6 +121,15 @@ class OvnLab:
                     os.kill(pid, signal.SIGKILL)
                 _wait_gone(pid, 3.0)
 
+    def log_tails(self, lines: int = 12) -> str:
+        """The last lines of each OVN daemon's log: what a failed step leaves to go on."""
+        out = []
+        for daemon in DAEMONS:
+            path = self.dir / f"{daemon}.log"
+            tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else ["(no log)"]
+            out += [f"--- {daemon}.log", *tail]
+        return "\n".join(out)
+
     def rss(self) -> dict[str, int]:
         return {d: common.rss_kib(pid) for d in DAEMONS if (pid := self.pid(d)) is not None}
 
@@ -229,6 +238,8 @@ def measure(workload: Workload, reps: int, log: Any = print) -> dict[str, Any]:
             target = common.settle("br-int", lab.count)
             log(f"ovn N={workload.n}: set up in {time.monotonic() - began:.1f} s, {target} flows")
             return _measure(lab, workload, target, reps, log)
+        except Exception as exc:
+            raise common.BenchError(f"{exc}\n{lab.log_tails()}") from exc
         finally:
             lab.stop()
 

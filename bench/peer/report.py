@@ -230,7 +230,7 @@ def _run_dated(info: list[str], records: list[dict[str, Any]]) -> list[str]:
 def render(records: list[dict[str, Any]], behind: list[str], intro: str) -> str:
     runs = {(r["system"], r["n"]): r for r in records if r["system"] in ("goldilocks", "ovn") and "error" not in r}
     ns = sorted({n for _, n in runs})
-    failed = [f"- {r['system']} N={r['n']:,}: {(r['error'].strip().splitlines() or ['?'])[-1]}" for r in records if "error" in r]
+    failed = failed_attempts(records)
     installs = [r for r in records if r["system"] == "install"]
     loads = ", ".join(f"{r['system']} N={r['n']:,}: {r['load_at_start']:g}" for r in records if "load_at_start" in r)
     lines = [SECTION, "", intro, "", *_run_dated(compile_bench.machine_info(), records), *versions(),
@@ -244,10 +244,23 @@ def render(records: list[dict[str, Any]], behind: list[str], intro: str) -> str:
         lines += ["### Flow-install throughput against the `ovs-ofctl --bundle add-flows` floor (bench/install's flows)",
                   "", *install_table(installs), ""]
     if failed:
-        lines += ["### Not measured (the run failed; see the JSON line for the whole error)", "", *failed, ""]
+        lines += ["### Failed attempts (see the JSON line for the whole error)", "", *failed, ""]
     lines += ["### Where Goldilocks is behind, and why", "", *(behind or ["- Nowhere in this run."]), "",
               REFERENCE, "", *REFERENCE_ROWS, ""]
     return "\n".join(lines)
+
+
+def failed_attempts(records: list[dict[str, Any]]) -> list[str]:
+    """One line per failed attempt: what failed, and whether a later attempt measured it."""
+    measured = {(r["system"], r["n"]) for r in records if "error" not in r}
+    return [f"- {r['system']} N={r['n']:,}"
+            f"{' (measured on the next attempt)' if (r['system'], r['n']) in measured else ''}: {_first_line(r['error'])}"
+            for r in records if "error" in r]
+
+
+def _first_line(error: str) -> str:
+    """What failed: the error's first line (log tails, when attached, follow it)."""
+    return (error.strip().splitlines() or ["?"])[0]
 
 
 def write_section(path: Path, section: str) -> None:
