@@ -207,7 +207,22 @@ def _read_message(sock: socket.socket) -> tuple[int, int, int, bytes]:
     return version, kind, xid, exactly(length - OFP_HEADER.size)
 
 
-class FlowCounter:
+class _OwnsSocket:
+    """Something holding one socket, closed with it (also as a context manager)."""
+
+    _sock: socket.socket
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FlowCounter(_OwnsSocket):
     """Flows on a bridge, counted over one OpenFlow connection to its management socket: an
     aggregate request per count, as `ovs-ofctl dump-aggregate` sends, without starting a
     process each time (several milliseconds of CPU on these 2 cores, taken from the systems
@@ -242,15 +257,6 @@ class FlowCounter:
             elif kind == OFPT_MULTIPART_REPLY and xid == self._xid:
                 return int(_AGGREGATE_COUNT.unpack_from(body, _MULTIPART_HEADER.size)[0])
 
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 # sock_diag (linux/sock_diag.h, linux/inet_diag.h): asked for listening sockets only, the kernel
 # walks just its listening hash. /proc/PID/net/tcp walks the established hash of every namespace
@@ -265,7 +271,7 @@ _INET_DIAG_REQ_V2 = struct.Struct("=BBBxI48x")  # family, protocol, extensions, 
 _INET_DIAG_MSG_SPORT = struct.Struct("!4xH")  # family, state, timer, retrans; the id's source port
 
 
-class TcpListeners:
+class TcpListeners(_OwnsSocket):
     """Which TCP ports have a listening socket in one network namespace, asked of the kernel
     over a netlink socket made inside it."""
 
@@ -304,15 +310,6 @@ class TcpListeners:
                 offset += (length + 3) & ~3
                 if length < _NLMSG_HEADER.size:
                     raise BenchError(f"sock_diag sent a message of {length} bytes")
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def echo_round_trip(ovs: OvsSandbox, bridge: str, reps: int = 30) -> dict[str, Any]:
