@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.peer import gold, ovn
-from bench.peer.report import fmt_value, render, write_section
+from bench.peer.report import fmt_value, measured, render, write_section
 from bench.peer.throughput import bench_install
 from bench.peer.workload import Workload
 from tests.ovs.harness import unavailable_reason
@@ -231,9 +231,9 @@ def recorded(path: Path) -> list[dict[str, Any]]:
 
 def failures(records: list[dict[str, Any]]) -> list[str]:
     """Each system and N never measured in a run (every attempt failed), or failing the traffic check."""
-    measured = {(r["system"], r["n"]) for r in records if "error" not in r}
+    done = measured(records)
     return list(dict.fromkeys(f"{r['system']} N={r['n']}" for r in records
-                              if ("error" in r and (r["system"], r["n"]) not in measured) or r.get("traffic_ok") is False))
+                              if ("error" in r and (r["system"], r["n"]) not in done) or r.get("traffic_ok") is False))
 
 
 def main(argv: list[str] | None = None) -> int:

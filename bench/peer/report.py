@@ -250,11 +250,16 @@ def render(records: list[dict[str, Any]], behind: list[str], intro: str) -> str:
     return "\n".join(lines)
 
 
+def measured(records: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """(system, N) of every attempt that did not fail."""
+    return {(r["system"], r["n"]) for r in records if "error" not in r}
+
+
 def failed_attempts(records: list[dict[str, Any]]) -> list[str]:
     """One line per failed attempt: what failed, and whether a later attempt measured it."""
-    measured = {(r["system"], r["n"]) for r in records if "error" not in r}
+    done = measured(records)
     return [f"- {r['system']} N={r['n']:,}"
-            f"{' (measured on the next attempt)' if (r['system'], r['n']) in measured else ''}: {_first_line(r['error'])}"
+            f"{' (measured on the next attempt)' if (r['system'], r['n']) in done else ''}: {_first_line(r['error'])}"
             for r in records if "error" in r]
 
 
