@@ -15,12 +15,14 @@ from functools import lru_cache
 
 from controller.flows.pipeline import (
     CT_MARK_REVOKED,
+    PRIO_CHECKED_AT_EGRESS,
     PRIO_CT_ALLOW_REPLY,
     PRIO_CT_GUARD,
     PRIO_DEFAULT,
     PRIO_QUARANTINE_ALLOW,
     PRIO_QUARANTINE_DENY,
     PRIO_REVOKE_EST,
+    REG_FROM_VNIC,
     REG_OUT_PORT,
     REG_ZONE,
     CookieKind,
@@ -115,7 +117,24 @@ def pipeline_part(hv: Hypervisor) -> Flows:
         flows.append(_flow(ct_table, 1, ip, (Ct(REG_ZONE.field, table=int(monitor)),), ck, o))
         flows.append(_flow(monitor, PRIO_DEFAULT, Match(), (GotoTable(int(policy)),), ck, o))
         flows.extend(_conntrack_guards(policy, after, ck))
+    flows.extend(_checked_at_egress(ck))
     return frozenset(flows)
+
+
+def _checked_at_egress(ck: int) -> list[FlowSpec]:
+    """A packet from a local vNIC that reaches INGRESS_POLICY has passed EGRESS_POLICY on this
+    bridge, where the same rules saw the same source, destination and service: it is not
+    judged twice, only committed in the destination's zone so that its replies are tracked
+    there. L2_LOOKUP delivers only packets whose IPv4 destination is the vNIC's own, so the
+    destination judged at egress (by address) is the one ingress would judge (by port)."""
+    o = "pipeline:checked-at-egress"
+    from_vnic = Match.of(**{REG_FROM_VNIC.field: 1})
+    accept = GotoTable(int(Table.ACCEPT))
+    return [
+        _flow(Table.INGRESS_POLICY, PRIO_CHECKED_AT_EGRESS, _merge(from_vnic, Match.of(ct_state=state, eth_type=ETH_TYPE_IP)),
+              actions, ck, o)
+        for state, actions in ((CT_NEW_ORIG, (Ct(REG_ZONE.field, commit=True), accept)), (CT_EST_ORIG, (accept,)))
+    ]
 
 
 def _conntrack_guards(policy: Table, after: Table, ck: int) -> list[FlowSpec]:
@@ -141,14 +160,15 @@ def port_part(nic: VNic, hv: Hypervisor) -> Flows:
     if nic.ofport is None:
         return frozenset()
     p, mac, ck, o = nic.ofport, nic.mac, cookie(CookieKind.PORT, nic.ofport), f"port:{nic.name or nic.mac}"
-    flows = [
-        _flow(Table.L2_LOOKUP, 100, Match.of(eth_dst=mac),
-              (SetField(REG_OUT_PORT.field, p), SetField(REG_ZONE.field, p), GotoTable(int(Table.INGRESS_CT))), ck, o),
-        _flow(Table.ACCEPT, 100, Match.of(reg7=p), (Output(p),), ck, o),
-    ]
+    flows = [_flow(Table.ACCEPT, 100, Match.of(reg7=p), (Output(p),), ck, o)]
     for ip in nic.ips:
+        # Delivered only when addressed to the vNIC at both layers (see _checked_at_egress).
+        flows.append(_flow(Table.L2_LOOKUP, 100, Match.of(eth_dst=mac, eth_type=ETH_TYPE_IP, ipv4_dst=ip),
+                           (SetField(REG_OUT_PORT.field, p), SetField(REG_ZONE.field, p), GotoTable(int(Table.INGRESS_CT))),
+                           ck, o))
         flows.append(_flow(Table.CLASSIFY, 100, Match.of(in_port=p, eth_src=mac, eth_type=ETH_TYPE_IP, ipv4_src=ip),
-                           (SetField(REG_ZONE.field, p), GotoTable(int(Table.EGRESS_CT))), ck, o))
+                           (SetField(REG_ZONE.field, p), SetField(REG_FROM_VNIC.field, 1), GotoTable(int(Table.EGRESS_CT))),
+                           ck, o))
         flows.append(_flow(Table.CLASSIFY, 100, Match.of(in_port=p, eth_src=mac, eth_type=ETH_TYPE_ARP, arp_spa=ip, arp_sha=mac),
                            (GotoTable(int(Table.ARP)),), ck, o))
         if hv.uplink_ofport is not None:
@@ -231,7 +251,7 @@ class MemberDim:
     group: str | None
     field: str = ""  # the match field of PORT and ADDRESS dimensions
     apps: tuple[str, ...] = ()
-    egress: bool = True
+    egress: bool = True  # ingress ADDRESS dimensions hold only VMs on other bridges
 
 
 Dim = tuple[Match, ...] | MemberDim  # fixed matches, or drawn from members
@@ -290,12 +310,12 @@ def _cidr_dimension(ep: CidrEndpoint, field: str) -> tuple[Match, ...] | None:
     return (Match.of(eth_type=ETH_TYPE_IP, **{field: ep.cidr}),)
 
 
-def _endpoint_dimension(ep: Endpoint, kind: DimKind, field: str, cidr_field: str) -> Dim | None:
+def _endpoint_dimension(ep: Endpoint, kind: DimKind, field: str, cidr_field: str, egress: bool) -> Dim | None:
     if isinstance(ep, AnyEndpoint):
         return None
     if isinstance(ep, CidrEndpoint):
         return _cidr_dimension(ep, cidr_field)
-    return MemberDim(kind, ep.group, field)
+    return MemberDim(kind, ep.group, field, egress=egress)
 
 
 def _app_dimension(dst: Endpoint, apps: list[AppService], egress: bool) -> Dim:
@@ -330,11 +350,11 @@ def rule_conjunctions(rule: Rule) -> tuple[Conj, ...]:
             table = Table.EGRESS_POLICY if egress else Table.INGRESS_POLICY
             on_new, on_est = _verdict_actions(rule, Table.L2_LOOKUP if egress else Table.ACCEPT)
         if egress:
-            near = _endpoint_dimension(rule.source, DimKind.PORT, "in_port", "ipv4_src")
-            far = _endpoint_dimension(rule.destination, DimKind.ADDRESS, "ipv4_dst", "ipv4_dst")
+            near = _endpoint_dimension(rule.source, DimKind.PORT, "in_port", "ipv4_src", egress)
+            far = _endpoint_dimension(rule.destination, DimKind.ADDRESS, "ipv4_dst", "ipv4_dst", egress)
         else:
-            near = _endpoint_dimension(rule.destination, DimKind.PORT, "reg7", "ipv4_dst")
-            far = _endpoint_dimension(rule.source, DimKind.ADDRESS, "ipv4_src", "ipv4_src")
+            near = _endpoint_dimension(rule.destination, DimKind.PORT, "reg7", "ipv4_dst", egress)
+            far = _endpoint_dimension(rule.source, DimKind.ADDRESS, "ipv4_src", "ipv4_src", egress)
         tag = "egress" if egress else "ingress"
         if has_plain:
             dims = tuple(d for d in (near, far, plain_services) if d is not None)
@@ -353,6 +373,8 @@ def member_matches(dim: MemberDim, vm: VM, hv: str) -> tuple[Match, ...]:
             return ()
         return tuple(sorted({Match.of(**{dim.field: n.ofport}) for n in vm.vnics if n.ofport is not None}))
     if dim.kind is DimKind.ADDRESS:
+        if not dim.egress and vm.hypervisor == hv:
+            return ()  # a local source's packets were judged at egress (_checked_at_egress)
         ip_type = MatchField("eth_type", ETH_TYPE_IP)
         return tuple(Match((ip_type, MatchField(dim.field, ip_to_int(ip)))) for ip in sorted(set(vm.ips)))
     if not dim.egress and vm.hypervisor != hv:

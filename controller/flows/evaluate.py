@@ -30,6 +30,7 @@ from controller.flows.types import (
 Packet = dict[str, int]  # match-field name -> value; plus tcp_src/udp_src for conntrack tuples
 
 MAX_STEPS = 64
+_ZERO_REGISTERS: Packet = {f"reg{i}": 0 for i in range(16)}  # OVS starts every packet with zeroed registers
 
 
 class EvaluationError(RuntimeError):
@@ -147,7 +148,7 @@ def _matches(flow: FlowSpec, pkt: Packet) -> bool:
 
 def evaluate(table: FlowTable, packet: Packet, conntrack: Conntrack) -> Result:
     """Run one packet through a bridge from table 0."""
-    pkt: Packet = {"reg6": 0, "reg7": 0, "ct_state": 0, "ct_mark": 0, **packet}
+    pkt: Packet = {**_ZERO_REGISTERS, "ct_state": 0, "ct_mark": 0, **packet}
     pkt.pop("conj_id", None)
     outputs: list[int] = []
     steps: list[Step] = []

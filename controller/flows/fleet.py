@@ -76,7 +76,8 @@ class Fleet:
                 up = self.inventory.hypervisors[vm.hypervisor].uplink_ofport
                 if up is None or vm.hypervisor == hops[-1][0]:
                     break
-                clean = {k: v for k, v in pkt.items() if k not in ("reg6", "reg7", "ct_state", "ct_mark")}
+                # Registers and conntrack state stay on the bridge that set them.
+                clean = {k: v for k, v in pkt.items() if not k.startswith("reg") and k not in ("ct_state", "ct_mark")}
                 return self._through(vm.hypervisor, dict(clean, in_port=up), hops)
         return Delivery("dropped", "fabric", hops)
 

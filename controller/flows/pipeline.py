@@ -51,7 +51,8 @@ class Register:
 # Registers: declared here once, nowhere else.
 REG_ZONE = Register("reg6", 16, "conntrack zone of the vNIC whose policy is being applied")
 REG_OUT_PORT = Register("reg7", 32, "OpenFlow port of the local destination vNIC")
-REGISTERS: tuple[Register, ...] = (REG_ZONE, REG_OUT_PORT)
+REG_FROM_VNIC = Register("reg5", 1, "1: the packet came from a local vNIC, so this bridge's EGRESS_POLICY allowed it")
+REGISTERS: tuple[Register, ...] = (REG_FROM_VNIC, REG_ZONE, REG_OUT_PORT)
 
 # ct_mark bits.
 CT_MARK_REVOKED = 0x1  # the connection lost its grant: drop both directions from now on
@@ -108,6 +109,10 @@ PRIO_DEFAULT = 0
 PRIO_REVOKE_EST = 10  # original-direction packet of a connection no rule grants any more
 PRIO_RULES_FLOOR = 100
 PRIO_RULES_CEIL = 60000
+# INGRESS_POLICY: a packet from a local vNIC was judged by the very same rules at egress on
+# this bridge; it is committed in the destination's zone without a second look. Below
+# quarantine, which stays enforced at both ends.
+PRIO_CHECKED_AT_EGRESS = 60001
 # Quarantine: above every operator rule (every tier), below the conntrack guards, so a
 # quarantined VM's connections are checked here first and revoked like any lost grant.
 PRIO_QUARANTINE_FLOOR = 60002

@@ -132,6 +132,13 @@ def _where(vm: VM, direction: str) -> str:
     return f"at {direction} of {vm.name} (hypervisor {vm.hypervisor}, port {ports})"
 
 
+def _ingress_point(src: VM, dst: VM) -> str:
+    if dst.hypervisor == src.hypervisor:
+        # docs/pipeline.md: one bridge, one judgement; ingress only tracks the connection.
+        return _where(dst, "ingress") + ": conntrack only, the same bridge's egress judged it"
+    return _where(dst, "ingress")
+
+
 def explain(world: World, groups: Mapping[str, GroupDef], src: VM, dst: VM | str, protocol: str, port: int) -> Explanation:
     """Why a new connection from `src` to `dst` (a VM or an IPv4 address) is allowed or not."""
     dst_vm = dst if isinstance(dst, VM) else world.inventory.vm_by_ip(dst)
@@ -139,7 +146,7 @@ def explain(world: World, groups: Mapping[str, GroupDef], src: VM, dst: VM | str
     src_ip = src.ips[0] if src.ips else "0.0.0.0"
     dst_name = dst_vm.name if dst_vm is not None else dst_ip
     port = 0 if protocol == "icmp" else port
-    points = (_where(src, "egress"),) + ((_where(dst_vm, "ingress"),) if dst_vm is not None else ())
+    points = (_where(src, "egress"),) + ((_ingress_point(src, dst_vm),) if dst_vm is not None else ())
     ordered = world.policy.ordered()
     matching = [r for r in ordered if rule_matches(r, world, src, src_ip, dst_vm, dst_ip, protocol, port)]
     monitored = tuple(r for r in matching if r.monitor)

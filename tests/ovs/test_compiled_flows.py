@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from controller.engine import Engine
+from controller.events import PolicyChanged
 from controller.flows.render import render_flows
 from controller.model import VM
 from controller.policy.explain import explain
@@ -119,6 +120,20 @@ def test_trace_drops_spoofed_sources(ovs: OvsSandbox, bridge_factory) -> None:
     assert ovs.trace(fleet.bridges[web1.hypervisor], flow).dropped
 
 
+def test_trace_drops_a_packet_to_one_vm_by_mac_and_another_by_ip(ovs: OvsSandbox, bridge_factory) -> None:
+    """Egress judges the IPv4 destination, delivery follows the MAC: web1 may reach app1 on 8080
+    but not admin1 beside it, so app1's address under admin1's MAC must not reach admin1."""
+    fleet = build_fleet(ovs, bridge_factory, EXAMPLES / "three-tier.yaml")
+    web1, app1, admin1 = fleet.vm("web1"), fleet.vm("app1"), fleet.vm("admin1")
+    world = fleet.engine.world()
+    assert explain(world, fleet.scenario.groups, web1, app1, "tcp", 8080).allowed
+    assert not explain(world, fleet.scenario.groups, web1, admin1, "tcp", 8080).allowed
+    assert web1.hypervisor == admin1.hypervisor
+    crossed = trace_flow(web1.vnics[0].mac, admin1.vnics[0].mac, web1.ips[0], app1.ips[0], "tcp", 8080, web1.vnics[0].ofport)
+    for state in ("trk,new", "trk,est"):
+        assert ovs.trace(fleet.bridges[web1.hypervisor], crossed, [state, state]).dropped, state
+
+
 def test_trace_established_connection_dropped_after_logout(ovs: OvsSandbox, bridge_factory) -> None:
     fleet = build_fleet(ovs, bridge_factory, EXAMPLES / "finance-identity.yaml")
     desk, ledger = fleet.vm("fin-desk1"), fleet.vm("ledger-db")
@@ -154,3 +169,27 @@ def test_real_packets_follow_policy_and_logout_cuts_an_established_connection(ov
             assert not conn.alive(timeout=1.5), "the established connection outlived the logout"
         assert not tcp_connect(vms["fin-desk1"], ledger_ip, 5432, timeout=1.0)
         assert ping(vms["fin-desk1"], ledger_ip), "platform-based access stays"
+
+
+def test_same_bridge_connection_is_judged_once_and_still_cut_when_its_rule_goes(ovs: OvsSandbox, bridge_factory) -> None:
+    """web1 and app1 share hv1's bridge: the rules judge their packets at egress only, and the
+    destination's zone only tracks them. Replies still pass, app1 still may not open a connection
+    back, and an established connection dies with its rule."""
+    fleet = build_fleet(ovs, bridge_factory, EXAMPLES / "three-tier.yaml")
+    web1, app1 = fleet.vm("web1"), fleet.vm("app1")
+    assert web1.hypervisor == app1.hypervisor
+    world = fleet.engine.world()
+    rule = explain(world, fleet.scenario.groups, web1, app1, "tcp", 8080).rule
+    assert rule is not None and not explain(world, fleet.scenario.groups, app1, web1, "tcp", 8080).allowed
+    with tcp_server(ovs.vms["app1"], 8080), tcp_server(ovs.vms["web1"], 8080):
+        assert tcp_connect(ovs.vms["web1"], app1.ips[0], 8080)
+        assert not tcp_connect(ovs.vms["app1"], web1.ips[0], 8080, timeout=1.0)
+        with EstablishedConnection(ovs.vms["web1"], app1.ips[0], 8080) as conn:
+            assert conn.alive()
+            policy = fleet.scenario.policy
+            rules = tuple(r for r in policy.rules if r.id != rule.id)
+            fleet.engine.handle(PolicyChanged(replace(policy, rules=rules), fleet.scenario.groups))
+            fleet.load()
+            ovs.wait_revalidated()
+            assert not conn.alive(timeout=1.5), "the established connection outlived its rule"
+        assert not tcp_connect(ovs.vms["web1"], app1.ips[0], 8080, timeout=1.0)

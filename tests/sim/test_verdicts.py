@@ -213,3 +213,31 @@ def test_context_past_its_ttl_revokes_its_grants_and_cuts_established_connection
     assert not fleet.send(ledger, reply_of(syn)).delivered
     ping = _packet(desk, ledger, "icmp", 0)
     assert fleet.send(desk, ping).delivered, "platform-based access (desktops may ping) stays"
+
+
+def _crossed_address(world, groups) -> tuple[VM, VM, VM, str, int]:
+    """(src, b, c, proto, port): policy lets src reach c but not b, and b runs beside src."""
+    vms = sorted(world.inventory.vms.values(), key=lambda v: v.name)
+    for src in vms:
+        for b in vms:
+            if b is src or b.hypervisor != src.hypervisor:
+                continue
+            for c in vms:
+                for proto, port in _probes(vms):
+                    if c not in (src, b) and explain(world, groups, src, c, proto, port).allowed \
+                            and not explain(world, groups, src, b, proto, port).allowed:
+                        return src, b, c, proto, port
+    raise AssertionError("the example has no such triple")
+
+
+def test_a_packet_to_one_vm_by_mac_and_another_by_ip_is_dropped() -> None:
+    """Egress judges the IPv4 destination; delivery follows the MAC. A packet for b's MAC carrying
+    c's address (which src may reach) must not reach b, whom src may not reach."""
+    sc = load_scenario(EXAMPLES[0].parent / "three-tier.yaml")
+    engine = _engine(sc)
+    world = engine.world()
+    src, b, c, proto, port = _crossed_address(world, sc.groups)
+    fleet = _fleet(engine)
+    assert fleet.send(src, _packet(src, c, proto, port)).where == c.name
+    crossed = _packet(src, c, proto, port) | {"eth_dst": mac_to_int(b.vnics[0].mac)}
+    assert not fleet.send(src, crossed).delivered

@@ -82,6 +82,15 @@ def test_explain_gives_verdict_rule_and_membership_reasons() -> None:
     assert "usergroup=engineering" in out
 
 
+def test_explain_says_where_the_rules_judge() -> None:
+    f = str(EXAMPLES / "three-tier.yaml")
+    _, out, _ = run("explain", f, "--src", "web1", "--dst", "app1", "--proto", "tcp", "--port", "8080")
+    assert "enforced at egress of web1 (hypervisor hv1, port 1)" in out
+    assert "at ingress of app1 (hypervisor hv1, port 2): conntrack only, the same bridge's egress judged it" in out
+    _, out, _ = run("explain", f, "--src", "web1", "--dst", "db1", "--proto", "tcp", "--port", "5432")
+    assert "enforced at ingress of db1 (hypervisor hv2, port 3)\n" in out
+
+
 def test_explain_json_and_ip_destination() -> None:
     f = str(EXAMPLES / "three-tier.yaml")
     code, out, _ = run("explain", f, "--src", "admin1", "--dst", "10.0.0.31", "--proto", "tcp", "--port", "22", "--json")

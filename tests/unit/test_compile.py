@@ -42,31 +42,49 @@ def _vm(i: int, hv: str, tier: str) -> VM:
     return VM(f"u{i}", f"vm{i}", hv, (nic,), frozenset({Fact(Attr.TAG, "tier", tier, Provenance.PLATFORM)}))
 
 
-def _world(m: int, n: int, services: tuple[str, ...] = ("tcp/5432",)) -> World:
-    """M web VMs and N db VMs, all on hv1, one rule web -> db."""
-    vms = [_vm(i, "hv1", "web") for i in range(1, m + 1)] + [_vm(i, "hv1", "db") for i in range(m + 1, m + n + 1)]
-    inv = Inventory({"hv1": Hypervisor("hv1", 65000)}, {vm.uuid: vm for vm in vms}, Gateway("10.255.255.254", "02:ff:00:00:00:fe"))
+def _world(m: int, n: int, services: tuple[str, ...] = ("tcp/5432",), remote_web: int = 0) -> World:
+    """M web VMs and N db VMs on hv1 (the first `remote_web` web VMs on hv2), one rule web -> db."""
+    vms = ([_vm(i, "hv2" if i <= remote_web else "hv1", "web") for i in range(1, m + 1)]
+           + [_vm(i, "hv1", "db") for i in range(m + 1, m + n + 1)])
+    hvs = {"hv1": Hypervisor("hv1", 65000), "hv2": Hypervisor("hv2", 65000)}
+    inv = Inventory(hvs, {vm.uuid: vm for vm in vms}, Gateway("10.255.255.254", "02:ff:00:00:00:fe"))
     members = {"web": frozenset(vm.uuid for vm in vms[:m]), "db": frozenset(vm.uuid for vm in vms[m:])}
     rule = Rule("web-db", "application", 1, GroupEndpoint("web"), GroupEndpoint("db"),
                 tuple(parse_port(s) for s in services), Action.ALLOW)
     return World(inv, members, Policy((rule,)))
 
 
-def _rule_flows(world: World) -> list[FlowSpec]:
-    return [f for f in compile_bridge(world, "hv1") if f.cookie == rule_cookie("web-db")]
+def _rule_flows(world: World, hv: str = "hv1") -> list[FlowSpec]:
+    return [f for f in compile_bridge(world, hv) if f.cookie == rule_cookie("web-db")]
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (10, 10), (50, 20), (100, 100)])
 def test_rule_cost_grows_as_m_plus_n_not_m_times_n(m: int, n: int) -> None:
     flows = _rule_flows(_world(m, n))
-    # Egress: M local sources + N destination addresses + 1 service + 2 conj_id flows (new/est);
-    # ingress: N local destinations + M source addresses + 1 service + 2.
-    assert len(flows) == 2 * (m + n + 1 + 2)
+    # Egress: M local sources + N destination addresses + 1 service + 2 conj_id flows (new/est).
+    # Every source is local, so ingress has nothing to judge: egress already did (pipeline.md).
+    assert len(flows) == m + n + 1 + 2
     assert len(flows) < m * n or m * n < 10
 
 
+@pytest.mark.parametrize("m,n,remote", [(1, 1, 1), (10, 10, 4), (50, 20, 50)])
+def test_ingress_judges_only_sources_on_other_bridges(m: int, n: int, remote: int) -> None:
+    flows = _rule_flows(_world(m, n, remote_web=remote))
+    egress = [f for f in flows if f.table == Table.EGRESS_POLICY]
+    ingress = [f for f in flows if f.table == Table.INGRESS_POLICY]
+    local = m - remote
+    # Egress: local sources + every destination address + service + 2; ingress: local
+    # destinations + remote source addresses + service + 2.
+    assert len(egress) == (local + n + 1 + 2 if local else 0)
+    assert len(ingress) == n + remote + 1 + 2
+    sources = {mf.value for f in ingress if (mf := f.match.get("ipv4_src")) is not None}
+    assert len(sources) == remote
+    # And on hv2 the remote sources are local: they are judged at egress there.
+    assert len([f for f in _rule_flows(_world(m, n, remote_web=remote), "hv2") if f.table == Table.EGRESS_POLICY]) == remote + n + 1 + 2
+
+
 def test_conjunction_clauses_carry_one_id_per_direction() -> None:
-    flows = _rule_flows(_world(3, 4))
+    flows = _rule_flows(_world(3, 4, remote_web=1))
     ids = {a.id for f in flows for a in f.actions if isinstance(a, Conjunction)}
     assert len(ids) == 2
     for cid in ids:
