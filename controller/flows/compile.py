@@ -127,12 +127,10 @@ def _checked_at_egress(ck: int) -> list[FlowSpec]:
     judged twice, only committed in the destination's zone so that its replies are tracked
     there. L2_LOOKUP delivers only packets whose IPv4 destination is the vNIC's own, so the
     destination judged at egress (by address) is the one ingress would judge (by port)."""
-    o = "pipeline:checked-at-egress"
-    from_vnic = Match.of(**{REG_FROM_VNIC.field: 1})
     accept = GotoTable(int(Table.ACCEPT))
     return [
-        _flow(Table.INGRESS_POLICY, PRIO_CHECKED_AT_EGRESS, _merge(from_vnic, Match.of(ct_state=state, eth_type=ETH_TYPE_IP)),
-              actions, ck, o)
+        _flow(Table.INGRESS_POLICY, PRIO_CHECKED_AT_EGRESS,
+              Match.of(**{REG_FROM_VNIC.field: 1}, ct_state=state, eth_type=ETH_TYPE_IP), actions, ck, "pipeline:checked-at-egress")
         for state, actions in ((CT_NEW_ORIG, (Ct(REG_ZONE.field, commit=True), accept)), (CT_EST_ORIG, (accept,)))
     ]
 

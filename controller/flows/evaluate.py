@@ -30,7 +30,7 @@ from controller.flows.types import (
 Packet = dict[str, int]  # match-field name -> value; plus tcp_src/udp_src for conntrack tuples
 
 MAX_STEPS = 64
-_ZERO_REGISTERS: Packet = {f"reg{i}": 0 for i in range(16)}  # OVS starts every packet with zeroed registers
+_ZERO_REGISTERS: Packet = {name: 0 for name in FIELD_BITS if name.startswith("reg")}  # as OVS starts every packet
 
 
 class EvaluationError(RuntimeError):
